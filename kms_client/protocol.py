@@ -1,0 +1,523 @@
+# Protocol v1 codec: line framing with a length limit, request and response types, parse/format.
+# Pure: no sockets, no trio, no os, no time. The daemon and both clients are loops around it.
+"""The KMS/1 wire protocol, as specified normatively in ``protocol.md``.
+
+A connection carries request lines from the client and exactly one response line
+per request from the server, in order. This module turns bytes into typed values
+and back; it never does I/O, so the same code frames a pipelined batch in the
+daemon, a blocking call in :class:`kms_client.Client` and an ``await`` in
+:class:`kms_client.AsyncClient`.
+
+Errors found while parsing are raised as :class:`~kms_client.errors.KmsError`
+subclasses, which carry the wire code the server answers with.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+from kms_client.errors import (
+    BadKeyId,
+    BadRequest,
+    KmsError,
+    ProtocolViolation,
+    TooLong,
+    UnknownCommand,
+    error_for_code,
+)
+
+PROTOCOL_NAME = "KMS/1"
+DEFAULT_MAX_LINE = 1 << 20
+MAX_KEY_ID_LENGTH = 255
+MAX_VERSION = 2**32 - 1
+DEFAULT_DATAKEY_BYTES = 32
+MAX_DATAKEY_BYTES = 1024
+
+_KEY_ID_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+_VERSION_RE = re.compile(rb"[1-9][0-9]{0,9}")
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_B64_VALUE = {char: value for value, char in enumerate(_B64_ALPHABET)}
+
+R = TypeVar("R")
+
+
+# --------------------------------------------------------------------------- framing
+
+
+class LineFramer:
+    """Splits a byte stream into lines, refusing any line longer than ``max_line``.
+
+    The limit counts the bytes of a line without its LF (and without a CR just
+    before the LF). A partial line that already exceeds the limit raises
+    :class:`TooLong` at once, so a peer cannot make us buffer without end.
+    Consumed bytes are dropped lazily, once per :meth:`feed`, so a batch of many
+    small pipelined lines costs linear time.
+    """
+
+    __slots__ = ("_buffer", "_max_line", "_start", "_scan_from")
+
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+        self._buffer = bytearray()
+        self._max_line = max_line
+        self._start = 0
+        self._scan_from = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._start:
+            del self._buffer[: self._start]
+            self._scan_from -= self._start
+            self._start = 0
+        self._buffer += data
+
+    def next_line(self) -> bytes | None:
+        """Return the next complete line, or ``None`` when more data is needed."""
+        buffer = self._buffer
+        newline = buffer.find(b"\n", self._scan_from)
+        if newline < 0:
+            self._scan_from = len(buffer)
+            if len(buffer) - self._start > self._max_line + 1:
+                raise TooLong()
+            return None
+        end = newline - 1 if newline > self._start and buffer[newline - 1] == 0x0D else newline
+        if end - self._start > self._max_line:
+            raise TooLong()
+        line = bytes(buffer[self._start : end])
+        self._start = self._scan_from = newline + 1
+        return line
+
+    def lines(self) -> Iterator[bytes]:
+        """Yield every complete line buffered so far."""
+        while (line := self.next_line()) is not None:
+            yield line
+
+    @property
+    def has_partial_line(self) -> bool:
+        """True when bytes of an unfinished line are buffered (a slow or stalled peer)."""
+        return len(self._buffer) > self._start
+
+
+# --------------------------------------------------------------------------- field codecs
+
+
+def validate_key_id(token: bytes) -> str:
+    """Return the key id as text, or raise :class:`BadKeyId`."""
+    if len(token) > MAX_KEY_ID_LENGTH or _KEY_ID_RE.fullmatch(token) is None:
+        raise BadKeyId()
+    return token.decode("ascii")
+
+
+def parse_version(token: bytes) -> int:
+    if _VERSION_RE.fullmatch(token) is None:
+        raise BadRequest("version must be an integer from 1")
+    version = int(token)
+    if version > MAX_VERSION:
+        raise BadRequest("version out of range")
+    return version
+
+
+def b64decode_strict(token: bytes) -> bytes:
+    """Decode standard padded base64, refusing any other spelling of the same bytes.
+
+    ``binascii`` strict mode already refuses foreign characters and bad padding;
+    the extra check on the last symbol refuses non-zero padding bits, so every
+    value has exactly one accepted encoding.
+    """
+    try:
+        value = binascii.a2b_base64(token, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("invalid base64") from None
+    if token.endswith(b"=="):
+        if _B64_VALUE[token[-3]] & 0x0F:
+            raise BadRequest("invalid base64")
+    elif token.endswith(b"=") and _B64_VALUE[token[-2]] & 0x03:
+        raise BadRequest("invalid base64")
+    return value
+
+
+def b64encode(value: bytes) -> bytes:
+    return binascii.b2a_base64(value, newline=False)
+
+
+def _nonempty_b64(token: bytes, what: str) -> bytes:
+    value = b64decode_strict(token)
+    if not value:
+        raise BadRequest(f"{what} must be at least 1 byte")
+    return value
+
+
+# --------------------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True, slots=True)
+class Ok:
+    """``OK`` with its space-separated fields."""
+
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Err:
+    """``ERR <code> <message>``."""
+
+    code: str
+    message: str
+
+    def to_exception(self) -> KmsError:
+        return error_for_code(self.code, self.message)
+
+
+Response = Ok | Err
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMaterial:
+    """A ``GET`` reply: the exported key of one version. ``repr`` hides the key."""
+
+    version: int
+    key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey:
+    """A ``DATAKEY`` reply: a fresh key and the same key wrapped under the named key."""
+
+    key: bytes = field(repr=False)
+    wrapped: bytes
+
+
+def format_ok(*fields: bytes) -> bytes:
+    if not fields:
+        return b"OK\n"
+    return b"OK " + b" ".join(fields) + b"\n"
+
+
+def format_error(error: KmsError) -> bytes:
+    return f"ERR {error.code} {error.message}\n".encode("ascii", "replace")
+
+
+def parse_response(line: bytes) -> Response:
+    """Parse one server line (without LF). Raises :class:`ProtocolViolation` on garbage."""
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolViolation("server sent non-ASCII bytes") from None
+    if text == "OK":
+        return Ok(())
+    if text.startswith("OK "):
+        return Ok(tuple(text[3:].split(" ")))
+    if text.startswith("ERR "):
+        code, _, message = text[4:].partition(" ")
+        if code:
+            return Err(code, message)
+    raise ProtocolViolation("server sent a malformed response")
+
+
+def _expect_fields(ok: Ok, count: int) -> tuple[str, ...]:
+    if len(ok.fields) != count:
+        raise ProtocolViolation("server reply has the wrong number of fields")
+    return ok.fields
+
+
+def _reply_b64(text: str) -> bytes:
+    try:
+        return b64decode_strict(text.encode("ascii"))
+    except KmsError:
+        raise ProtocolViolation("server reply holds invalid base64") from None
+
+
+def _reply_int(text: str) -> int:
+    if not text.isdecimal():
+        raise ProtocolViolation("server reply holds a non-integer")
+    return int(text)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Generic[R]):
+    """Base of every request. ``parse_reply`` turns the server's ``OK`` fields into ``R``."""
+
+    verb: ClassVar[str] = ""
+    #: Safe to send again after the daemon restarted mid-call (no state change).
+    repeatable: ClassVar[bool] = True
+
+    def arguments(self) -> list[bytes]:
+        return []
+
+    def to_line(self) -> bytes:
+        return b" ".join([self.verb.encode("ascii"), *self.arguments()]) + b"\n"
+
+    def parse_reply(self, ok: Ok) -> R:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Request[None]):
+    verb: ClassVar[str] = "PING"
+
+    def parse_reply(self, ok: Ok) -> None:
+        if ok.fields != ("PONG",):
+            raise ProtocolViolation("unexpected reply to PING")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Request[str]):
+    """Returns the server version; the protocol name is checked here."""
+
+    verb: ClassVar[str] = "HELLO"
+
+    def parse_reply(self, ok: Ok) -> str:
+        protocol, server_version = _expect_fields(ok, 2)
+        if protocol != PROTOCOL_NAME:
+            raise ProtocolViolation("server speaks another protocol version")
+        return server_version
+
+
+@dataclass(frozen=True, slots=True)
+class Help(Request[tuple[str, ...]]):
+    verb: ClassVar[str] = "HELP"
+
+    def parse_reply(self, ok: Ok) -> tuple[str, ...]:
+        return ok.fields
+
+
+@dataclass(frozen=True, slots=True)
+class Quit(Request[None]):
+    verb: ClassVar[str] = "QUIT"
+
+    def parse_reply(self, ok: Ok) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Create(Request[int]):
+    verb: ClassVar[str] = "CREATE"
+    repeatable: ClassVar[bool] = False
+    key_id: str
+    exportable: bool = False
+
+    def arguments(self) -> list[bytes]:
+        args = [self.key_id.encode("ascii")]
+        if self.exportable:
+            args.append(b"exportable")
+        return args
+
+    def parse_reply(self, ok: Ok) -> int:
+        return _reply_int(_expect_fields(ok, 1)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Rotate(Request[int]):
+    verb: ClassVar[str] = "ROTATE"
+    repeatable: ClassVar[bool] = False
+    key_id: str
+
+    def arguments(self) -> list[bytes]:
+        return [self.key_id.encode("ascii")]
+
+    def parse_reply(self, ok: Ok) -> int:
+        return _reply_int(_expect_fields(ok, 1)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Info(Request[dict[str, Any]]):
+    verb: ClassVar[str] = "INFO"
+    key_id: str
+
+    def arguments(self) -> list[bytes]:
+        return [self.key_id.encode("ascii")]
+
+    def parse_reply(self, ok: Ok) -> dict[str, Any]:
+        try:
+            info = json.loads(" ".join(ok.fields))
+        except ValueError:
+            raise ProtocolViolation("INFO reply is not JSON") from None
+        if not isinstance(info, dict):
+            raise ProtocolViolation("INFO reply is not a JSON object")
+        return info
+
+
+@dataclass(frozen=True, slots=True)
+class Get(Request[KeyMaterial]):
+    verb: ClassVar[str] = "GET"
+    key_id: str
+    version: int | None = None
+
+    def arguments(self) -> list[bytes]:
+        args = [self.key_id.encode("ascii")]
+        if self.version is not None:
+            args.append(str(self.version).encode("ascii"))
+        return args
+
+    def parse_reply(self, ok: Ok) -> KeyMaterial:
+        version, key = _expect_fields(ok, 2)
+        return KeyMaterial(_reply_int(version), _reply_b64(key))
+
+
+@dataclass(frozen=True, slots=True)
+class Encrypt(Request[bytes]):
+    verb: ClassVar[str] = "ENC"
+    key_id: str
+    plaintext: bytes = field(repr=False)
+    aad: bytes = field(default=b"", repr=False)
+
+    def arguments(self) -> list[bytes]:
+        args = [self.key_id.encode("ascii"), b64encode(self.plaintext)]
+        if self.aad:
+            args.append(b64encode(self.aad))
+        return args
+
+    def parse_reply(self, ok: Ok) -> bytes:
+        return _reply_b64(_expect_fields(ok, 1)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Decrypt(Request[bytes]):
+    verb: ClassVar[str] = "DEC"
+    key_id: str
+    ciphertext: bytes
+    aad: bytes = field(default=b"", repr=False)
+
+    def arguments(self) -> list[bytes]:
+        args = [self.key_id.encode("ascii"), b64encode(self.ciphertext)]
+        if self.aad:
+            args.append(b64encode(self.aad))
+        return args
+
+    def parse_reply(self, ok: Ok) -> bytes:
+        return _reply_b64(_expect_fields(ok, 1)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateDataKey(Request[DataKey]):
+    verb: ClassVar[str] = "DATAKEY"
+    key_id: str
+    nbytes: int = DEFAULT_DATAKEY_BYTES
+
+    def arguments(self) -> list[bytes]:
+        args = [self.key_id.encode("ascii")]
+        if self.nbytes != DEFAULT_DATAKEY_BYTES:
+            args.append(str(self.nbytes).encode("ascii"))
+        return args
+
+    def parse_reply(self, ok: Ok) -> DataKey:
+        key, wrapped = _expect_fields(ok, 2)
+        return DataKey(_reply_b64(key), _reply_b64(wrapped))
+
+
+# --------------------------------------------------------------------------- request parsing
+
+
+def _no_args(cls: type[Request[Any]]) -> Any:
+    def parse(args: list[bytes]) -> Request[Any]:
+        if args:
+            raise BadRequest(f"{cls.verb} takes no arguments")
+        return cls()
+
+    return parse
+
+
+def _parse_create(args: list[bytes]) -> Create:
+    if not 1 <= len(args) <= 2:
+        raise BadRequest("usage: CREATE <key-id> [exportable]")
+    key_id = validate_key_id(args[0])
+    exportable = False
+    for option in args[1:]:
+        if option.lower() != b"exportable":
+            raise BadRequest("unknown CREATE option")
+        exportable = True
+    return Create(key_id, exportable)
+
+
+def _parse_rotate(args: list[bytes]) -> Rotate:
+    if len(args) != 1:
+        raise BadRequest("usage: ROTATE <key-id>")
+    return Rotate(validate_key_id(args[0]))
+
+
+def _parse_info(args: list[bytes]) -> Info:
+    if len(args) != 1:
+        raise BadRequest("usage: INFO <key-id>")
+    return Info(validate_key_id(args[0]))
+
+
+def _parse_get(args: list[bytes]) -> Get:
+    if not 1 <= len(args) <= 2:
+        raise BadRequest("usage: GET <key-id> [<version>]")
+    key_id = validate_key_id(args[0])
+    return Get(key_id, parse_version(args[1]) if len(args) == 2 else None)
+
+
+def _parse_encrypt(args: list[bytes]) -> Encrypt:
+    if not 2 <= len(args) <= 3:
+        raise BadRequest("usage: ENC <key-id> <base64 plaintext> [<base64 aad>]")
+    key_id = validate_key_id(args[0])
+    plaintext = _nonempty_b64(args[1], "plaintext")
+    aad = _nonempty_b64(args[2], "aad") if len(args) == 3 else b""
+    return Encrypt(key_id, plaintext, aad)
+
+
+def _parse_decrypt(args: list[bytes]) -> Decrypt:
+    if not 2 <= len(args) <= 3:
+        raise BadRequest("usage: DEC <key-id> <base64 ciphertext> [<base64 aad>]")
+    key_id = validate_key_id(args[0])
+    ciphertext = _nonempty_b64(args[1], "ciphertext")
+    aad = _nonempty_b64(args[2], "aad") if len(args) == 3 else b""
+    return Decrypt(key_id, ciphertext, aad)
+
+
+def _parse_datakey(args: list[bytes]) -> GenerateDataKey:
+    if not 1 <= len(args) <= 2:
+        raise BadRequest("usage: DATAKEY <key-id> [<nbytes>]")
+    key_id = validate_key_id(args[0])
+    nbytes = DEFAULT_DATAKEY_BYTES
+    if len(args) == 2:
+        if _VERSION_RE.fullmatch(args[1]) is None or int(args[1]) > MAX_DATAKEY_BYTES:
+            raise BadRequest(f"nbytes must be an integer from 1 to {MAX_DATAKEY_BYTES}")
+        nbytes = int(args[1])
+    return GenerateDataKey(key_id, nbytes)
+
+
+_PARSERS: dict[bytes, Any] = {
+    b"PING": _no_args(Ping),
+    b"HELLO": _no_args(Hello),
+    b"HELP": _no_args(Help),
+    b"QUIT": _no_args(Quit),
+    b"CREATE": _parse_create,
+    b"ROTATE": _parse_rotate,
+    b"INFO": _parse_info,
+    b"GET": _parse_get,
+    b"ENC": _parse_encrypt,
+    b"DEC": _parse_decrypt,
+    b"DATAKEY": _parse_datakey,
+}
+
+#: The verbs, in the order ``HELP`` lists them.
+VERBS: tuple[str, ...] = tuple(verb.decode("ascii") for verb in _PARSERS)
+
+
+def parse_request(line: bytes) -> Request[Any]:
+    """Parse one request line (without its LF) into a typed request.
+
+    Raises :class:`BadRequest`, :class:`UnknownCommand` or :class:`BadKeyId`;
+    the connection stays usable after any of them.
+    """
+    if not line:
+        raise BadRequest("empty request")
+    tokens = line.split(b" ")
+    parser = _PARSERS.get(tokens[0].upper())
+    if parser is None:
+        if not line.isascii():
+            raise BadRequest("request is not ASCII")
+        raise UnknownCommand()
+    args = tokens[1:]
+    if b"" in args:
+        raise BadRequest("tokens are separated by single spaces")
+    request: Request[Any] = parser(args)
+    return request
