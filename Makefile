@@ -1,0 +1,43 @@
+# kms: `make run` starts a development daemon; `make test` runs the whole suite.
+# Both work on a fresh machine: they create .venv and install what they need.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHELL := /bin/bash
+
+.PHONY: run test lint bench deps test-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Re-install when the project's metadata changes.
+$(VENV)/.stamp-install: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,bench]'
+	touch $@
+
+deps: $(VENV)/.stamp-install
+
+# Debian packages the tests drive for real (socat). Installed only when missing.
+test-deps: deps
+	@command -v socat >/dev/null || { \
+		echo "installing socat (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat; }
+
+run: deps
+	$(BIN)/kmsd serve --dev
+
+test: test-deps
+	$(BIN)/python -m pytest -q
+
+lint: deps
+	$(BIN)/ruff check kms_server kms_client tests benchmarks
+	$(BIN)/ruff format --check kms_server kms_client tests benchmarks
+	$(BIN)/mypy
+
+bench: deps
+	$(BIN)/python benchmarks/bench_kmsd.py
+
+clean:
+	rm -rf $(VENV) .kms-dev kms.sock .pytest_cache .mypy_cache .ruff_cache

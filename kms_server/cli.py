@@ -1,0 +1,248 @@
+# `kmsd`: the daemon's command line (init, serve). Turns every failure into one line and an exit code.
+# Start-up order lives here: settings, KEK, store, socket, serve; no request handling.
+"""The ``kmsd`` command.
+
+Exit codes: 0 success; 1 unexpected error; 2 usage or configuration error;
+3 store error (missing, damaged, locked, wrong KEK); 4 KEK source error (file
+unreadable, passphrase command failed); 5 socket error (path taken by a live
+daemon or a non-socket file, cannot bind).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import trio
+
+from kms_server import __version__
+from kms_server.config import ConfigError, Settings, load
+from kms_server.crypto import KEY_SIZE, random_bytes, wipe
+from kms_server.dispatch import Dispatcher
+from kms_server.kek import KekError, KekFile, obtain_for_store
+from kms_server.server import ServerError, bind_unix_socket, remove_socket, run
+from kms_server.store import KeyStore, StoreError, init_store, read_metadata, write_new_file
+
+log = logging.getLogger("kmsd")
+
+EXIT_UNEXPECTED = 1
+EXIT_CONFIG = 2
+EXIT_STORE = 3
+EXIT_KEK = 4
+EXIT_SOCKET = 5
+
+DEV_STORE = Path(".kms-dev")
+DEV_KEK_NAME = "dev-kek.hex"
+DEV_SOCKET = Path("kms.sock")
+DEV_KEY = "demo"
+
+_EXIT_FOR = {
+    ConfigError: EXIT_CONFIG,
+    StoreError: EXIT_STORE,
+    KekError: EXIT_KEK,
+    ServerError: EXIT_SOCKET,
+}
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"kmsd: error: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Known failures become ``kmsd: error: ...`` and their exit code, never a traceback."""
+    try:
+        yield
+    except tuple(_EXIT_FOR) as exc:
+        fail(str(exc), _EXIT_FOR[type(exc)])
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as exc:
+        fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), EXIT_UNEXPECTED)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s kmsd[%(process)d] %(levelname)s %(message)s",
+    )
+
+
+def store_option(required: bool) -> Callable[[Any], Any]:
+    return click.option(
+        "--store", type=click.Path(path_type=Path), required=required,
+        help="Store directory (created 0700 by init).",
+    )
+
+
+def kek_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option(
+        "--passphrase-timeout", type=float, default=None,
+        help="Seconds the passphrase command may take (default 30).",
+    )(func)
+    func = click.option(
+        "--passphrase-command", default=None, metavar="CMD",
+        help="Command (run without a shell) whose first output line is the passphrase; "
+        "the KEK is Argon2id of it.",
+    )(func)
+    return click.option(
+        "--kek-file", type=click.Path(path_type=Path), default=None,
+        help="File holding the KEK: 32 raw bytes or 64 hex characters.",
+    )(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=__doc__)
+@click.version_option(__version__, prog_name="kmsd")
+def main() -> None:
+    """kmsd: a key-management daemon; the KEK stays here, clients ask over a Unix socket."""
+
+
+@main.command()
+@store_option(required=True)
+@kek_options
+def init(
+    store: Path, kek_file: Path | None, passphrase_command: str | None,
+    passphrase_timeout: float | None,
+) -> None:
+    """Create a new, empty key store sealed under a KEK source."""
+    with one_line_errors():
+        settings = load(None, {
+            "store": str(store),
+            "kek_file": str(kek_file) if kek_file else None,
+            "passphrase_command": passphrase_command,
+            "passphrase_timeout": passphrase_timeout,
+        })
+        source = settings.kek_source()
+        description = source.describe_new()
+        kek = source.obtain(description)
+        try:
+            metadata = init_store(store, kek, description, utc_now())
+        finally:
+            wipe(kek)
+        click.echo(f"initialised store {store} (id {metadata.store_id}, KEK source: {source.kind})")
+
+
+def create_dev_store() -> Settings:
+    """The ``--dev`` store: ``./.kms-dev`` with a random KEK file inside and a ``demo`` key."""
+    kek_file = DEV_STORE / DEV_KEK_NAME
+    if not (DEV_STORE / "kms-store.json").exists():
+        DEV_STORE.mkdir(mode=0o700, exist_ok=True)
+        if not kek_file.exists():
+            fresh = bytearray(random_bytes(KEY_SIZE))
+            write_new_file(kek_file, fresh.hex().encode() + b"\n")
+            wipe(fresh)
+        source = KekFile(kek_file)
+        description = source.describe_new()
+        kek = source.obtain(description)
+        try:
+            init_store(DEV_STORE, kek, description, utc_now(), tolerate=frozenset({DEV_KEK_NAME}))
+        finally:
+            wipe(kek)
+    return Settings(store=DEV_STORE, socket=DEV_SOCKET, kek_file=kek_file)
+
+
+def open_store(settings: Settings) -> KeyStore:
+    """Obtain the KEK and open the store; a wrong KEK fails here, before any socket exists."""
+    store_dir = settings.require_store()
+    source = settings.kek_source()
+    metadata = read_metadata(store_dir)
+    kek = obtain_for_store(source, metadata.kek)
+    try:
+        return KeyStore(store_dir, kek, clock=utc_now)
+    finally:
+        wipe(kek)
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="TOML file with the same settings; flags win.")
+@store_option(required=False)
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
+              help="Unix socket path (default /run/kms/kms.sock).")
+@click.option("--socket-mode", default=None, help="Socket permissions, octal (default 0600).")
+@kek_options
+@click.option("--max-line", type=int, default=None, help="Longest request line, bytes (1 MiB).")
+@click.option("--max-connections", type=int, default=None, help="Concurrent connections (1024).")
+@click.option("--idle-timeout", type=float, default=None,
+              help="Seconds a connection may stay silent or take to send a line (300).")
+@click.option("--grace-period", type=float, default=None,
+              help="Seconds in-flight requests get at shutdown (10).")
+@click.option("--dev", is_flag=True,
+              help="Development default: ./.kms-dev store with a random KEK file, ./kms.sock, "
+              "an exportable key 'demo'. Not for production.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def serve(
+    config_file: Path | None, store: Path | None, socket_path: Path | None,
+    socket_mode: str | None, kek_file: Path | None, passphrase_command: str | None,
+    passphrase_timeout: float | None, max_line: int | None, max_connections: int | None,
+    idle_timeout: float | None, grace_period: float | None, dev: bool, verbose: bool,
+) -> None:
+    """Serve protocol v1 on a Unix socket until SIGTERM or SIGINT."""
+    setup_logging(verbose)
+    with one_line_errors():
+        overrides: dict[str, Any] = {
+            "store": str(store) if store else None,
+            "socket": str(socket_path) if socket_path else None,
+            "socket_mode": socket_mode,
+            "kek_file": str(kek_file) if kek_file else None,
+            "passphrase_command": passphrase_command,
+            "passphrase_timeout": passphrase_timeout,
+            "max_line": max_line,
+            "max_connections": max_connections,
+            "idle_timeout": idle_timeout,
+            "grace_period": grace_period,
+        }
+        if dev:
+            for line in (
+                "DEVELOPMENT MODE: the KEK lies in a file beside the keys it protects.",
+                "DEVELOPMENT MODE: this is NOT for production. Use `kmsd init` and a real KEK.",
+            ):
+                log.warning(line)
+            dev_settings = create_dev_store()
+            overrides = {
+                "store": str(dev_settings.store), "socket": str(dev_settings.socket),
+                "kek_file": str(dev_settings.kek_file),
+            } | {k: v for k, v in overrides.items() if v is not None}
+        settings = load(config_file, overrides)
+        store_handle = open_store(settings)
+        try:
+            if dev:
+                ensure_demo_key(store_handle)
+            serve_store(settings, store_handle)
+        finally:
+            store_handle.close()
+
+
+def ensure_demo_key(store: KeyStore) -> None:
+    if not store.exists(DEV_KEY):
+        store.add(store.write_version(DEV_KEY, 1, exportable=True))
+        log.info("created exportable key %r", DEV_KEY)
+
+
+def serve_store(settings: Settings, store: KeyStore) -> None:
+    listener = bind_unix_socket(settings.socket, settings.socket_mode)
+    bound = os.lstat(settings.socket)
+    try:
+        dispatcher = Dispatcher(store, __version__)
+        log.info(
+            "serving store %s on %s (mode %04o), KEK source: %s",
+            settings.store, settings.socket, settings.socket_mode, store.metadata.kek["kind"],
+        )
+        trio.run(run, dispatcher, listener, settings.limits())
+    finally:
+        listener.close()
+        remove_socket(settings.socket, bound)
+    log.info("stopped")

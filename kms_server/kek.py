@@ -1,0 +1,150 @@
+# KEK sources: where the key-encryption key comes from (a key file, a passphrase command).
+# Returns the KEK in a wipeable buffer; never writes, logs or returns it anywhere else.
+"""Key-encryption-key sources, one per store, chosen at ``kmsd init``.
+
+The store metadata records the source *kind* and, for a passphrase, the
+Argon2id parameters and salt, so ``kmsd serve`` can refuse the wrong kind of
+source with a clear message and re-derive the same KEK.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import shlex
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from kms_server.crypto import KEY_SIZE, argon2id, random_bytes
+
+#: RFC 9106 section 4, second recommended option: t=3, p=4, m=64 MiB, 16-byte salt.
+ARGON2_ITERATIONS = 3
+ARGON2_LANES = 4
+ARGON2_MEMORY_KIB = 64 * 1024
+ARGON2_SALT_SIZE = 16
+DEFAULT_COMMAND_TIMEOUT = 30.0
+
+
+class KekError(Exception):
+    """The KEK could not be obtained; the message says why and never holds secrets."""
+
+
+class KekSource(Protocol):
+    kind: str
+
+    def describe_new(self) -> dict[str, Any]:
+        """The metadata ``kmsd init`` records for a new store using this source."""
+
+    def obtain(self, description: dict[str, Any]) -> bytearray:
+        """The KEK, given the store's recorded description. May block (KDF, command)."""
+
+
+@dataclass(frozen=True)
+class KekFile:
+    """32 raw bytes, or 64 hex characters with optional surrounding whitespace."""
+
+    path: Path
+    kind: str = "file"
+
+    def describe_new(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    def obtain(self, description: dict[str, Any]) -> bytearray:
+        try:
+            data = bytearray(self.path.read_bytes())
+        except OSError as exc:
+            raise KekError(f"cannot read KEK file {self.path}: {exc.strerror}") from None
+        if len(data) == KEY_SIZE:
+            return data
+        text = data.strip()
+        if len(text) == 2 * KEY_SIZE:
+            try:
+                return bytearray(binascii.unhexlify(text))
+            except binascii.Error:
+                pass
+        raise KekError(f"KEK file {self.path} must hold 32 raw bytes or 64 hex characters")
+
+
+@dataclass(frozen=True)
+class PassphraseCommand:
+    """Runs a command (no shell) and stretches the first line of its output with Argon2id."""
+
+    command: str
+    timeout: float = DEFAULT_COMMAND_TIMEOUT
+    kind: str = "passphrase"
+
+    def describe_new(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "kdf": "argon2id",
+            "iterations": ARGON2_ITERATIONS,
+            "lanes": ARGON2_LANES,
+            "memory_kib": ARGON2_MEMORY_KIB,
+            "salt": base64.b64encode(random_bytes(ARGON2_SALT_SIZE)).decode(),
+        }
+
+    def read_passphrase(self) -> bytes:
+        try:
+            argv = shlex.split(self.command)
+        except ValueError as exc:
+            raise KekError(f"cannot parse the passphrase command: {exc}") from None
+        if not argv:
+            raise KekError("the passphrase command is empty")
+        try:
+            child = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        except FileNotFoundError:
+            raise KekError(f"passphrase command not found: {argv[0]}") from None
+        except PermissionError:
+            raise KekError(f"passphrase command is not executable: {argv[0]}") from None
+        try:
+            output, _ = child.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            # Kill the whole session: a grandchild holding the pipe open must not hang us.
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            raise KekError(
+                f"passphrase command did not finish within {self.timeout:g} s"
+            ) from None
+        if child.returncode != 0:
+            raise KekError(f"passphrase command exited with status {child.returncode}")
+        passphrase = output.split(b"\n", 1)[0].removesuffix(b"\r")
+        if not passphrase:
+            raise KekError("passphrase command printed an empty passphrase")
+        return passphrase
+
+    def obtain(self, description: dict[str, Any]) -> bytearray:
+        try:
+            salt = base64.b64decode(description["salt"], validate=True)
+            iterations = int(description["iterations"])
+            lanes = int(description["lanes"])
+            memory_kib = int(description["memory_kib"])
+        except (KeyError, ValueError, TypeError, binascii.Error):
+            raise KekError("store metadata holds damaged passphrase KDF parameters") from None
+        if description.get("kdf") != "argon2id" or not (
+            1 <= iterations <= 100 and 1 <= lanes <= 64 and 8 * lanes <= memory_kib <= 4 << 20
+        ):
+            raise KekError("store metadata holds unsupported passphrase KDF parameters")
+        passphrase = self.read_passphrase()
+        return bytearray(
+            argon2id(passphrase, salt, iterations=iterations, lanes=lanes, memory_kib=memory_kib)
+        )
+
+
+def obtain_for_store(source: KekSource, description: dict[str, Any]) -> bytearray:
+    """The KEK of an existing store, refusing a source of another kind than recorded."""
+    recorded = description.get("kind")
+    if recorded != source.kind:
+        raise KekError(
+            f"this store's KEK comes from a {recorded} source, not a {source.kind} source; "
+            f"give {_OPTION_FOR_KIND.get(str(recorded), 'the matching KEK option')}"
+        )
+    return source.obtain(description)
+
+
+_OPTION_FOR_KIND = {"file": "--kek-file", "passphrase": "--passphrase-command"}

@@ -1,0 +1,243 @@
+# The daemon's trio life cycle: the Unix listener, one task per connection, limits, graceful stop.
+# No request semantics here (dispatch.py) and no wire syntax (kms_client.protocol).
+"""Serving protocol v1 on a Unix stream socket with trio.
+
+Each connection is a loop: receive what the client sent, answer every complete
+line in order, and send all those answers in one write (a pipelined batch costs
+one send). Replies are sent before more is read, so a client that pipelines
+without reading stalls only itself: the daemon never buffers more than one
+batch of replies for it.
+
+Shutdown (SIGTERM/SIGINT): stop accepting; a connection waiting for input gets
+a short last call for requests already on their way, then closes; requests
+being served finish within the grace period; the socket file is removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from kms_client.errors import KmsError, TooLong, Unavailable
+from kms_client.protocol import DEFAULT_MAX_LINE, LineFramer, Quit, format_error, parse_request
+from kms_server.dispatch import WRITE_REQUESTS, Dispatcher
+
+log = logging.getLogger("kmsd.server")
+
+RECEIVE_SIZE = 64 * 1024
+#: How long a connection idle at shutdown may still deliver a request already sent.
+LAST_CALL = 0.2
+_TOO_MANY = format_error(Unavailable("too many connections"))
+
+
+class ServerError(Exception):
+    """The daemon cannot serve: the socket path is taken, unusable or not ours."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection and per-daemon limits; every one is configurable."""
+
+    max_line: int = DEFAULT_MAX_LINE
+    max_connections: int = 1024
+    idle_timeout: float = 300.0
+    grace_period: float = 10.0
+
+
+def bind_unix_socket(path: Path, mode: int) -> socket.socket:
+    """Bind and listen on ``path`` with permissions ``mode``.
+
+    An existing path is removed only when it is a socket nobody answers on (a
+    stale one from a crash); a live daemon or a non-socket file is an error.
+    """
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise ServerError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale socket %s", path)
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise ServerError(f"cannot check existing socket {path}: {exc.strerror}") from None
+        else:
+            raise ServerError(f"another daemon is already serving on {path}")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        listener.bind(str(path))
+    except OSError as exc:
+        listener.close()
+        reason = "path too long for a Unix socket" if exc.errno is None else exc.strerror
+        raise ServerError(f"cannot bind {path}: {reason}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    listener.listen(socket.SOMAXCONN)
+    return listener
+
+
+class Server:
+    """Owns the accept loop and the connection tasks of one listening socket."""
+
+    def __init__(self, dispatcher: Dispatcher, listener: socket.socket, limits: Limits) -> None:
+        self._dispatcher = dispatcher
+        self._listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+        self._limits = limits
+        self._write_lock = trio.Lock()
+        self._connections = 0
+        self._stopping = False
+        self._stop_requested = trio.Event()
+        self._waiting_for_input: set[trio.CancelScope] = set()
+
+    def stop(self) -> None:
+        """Begin a graceful stop (idempotent)."""
+        self._stopping = True
+        self._stop_requested.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as acceptor:
+                await acceptor.start(
+                    partial(
+                        trio.serve_listeners,
+                        self._handle,
+                        [self._listener],
+                        handler_nursery=connections,
+                    )
+                )
+                task_status.started()
+                await self._stop_requested.wait()
+                acceptor.cancel_scope.cancel()
+            await self._listener.aclose()
+            last_call = trio.current_time() + LAST_CALL
+            for scope in self._waiting_for_input:
+                scope.deadline = min(scope.deadline, last_call)
+            connections.cancel_scope.deadline = trio.current_time() + self._limits.grace_period
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        if self._connections >= self._limits.max_connections:
+            with trio.move_on_after(1.0):
+                try:
+                    await stream.send_all(_TOO_MANY)
+                except trio.BrokenResourceError:
+                    pass
+            await trio.aclose_forcefully(stream)
+            return
+        self._connections += 1
+        try:
+            await self._converse(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away mid-conversation: normal
+        finally:
+            self._connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _receive(self, stream: trio.SocketStream, framer: LineFramer, line_began: float) -> bytes | None:
+        """The next bytes from the client, or None when it is idle or too slow.
+
+        A partial line must be completed within the idle timeout of its first
+        byte, so a client trickling one byte at a time cannot hold a connection.
+        """
+        timeout = self._limits.idle_timeout
+        deadline = (line_began if framer.has_partial_line else trio.current_time()) + timeout
+        if self._stopping:
+            deadline = min(deadline, trio.current_time() + LAST_CALL)
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._waiting_for_input.add(scope)
+            try:
+                return await stream.receive_some(RECEIVE_SIZE)
+            finally:
+                self._waiting_for_input.discard(scope)
+        return None
+
+    async def _converse(self, stream: trio.SocketStream) -> None:
+        dispatcher = self._dispatcher
+        framer = LineFramer(self._limits.max_line)
+        line_began = trio.current_time()
+        while True:
+            if not framer.has_partial_line:
+                if self._stopping:
+                    return
+                line_began = trio.current_time()
+            data = await self._receive(stream, framer, line_began)
+            if not data:
+                return
+            framer.feed(data)
+            replies: list[bytes] = []
+            closing = False
+            try:
+                for line in framer.lines():
+                    try:
+                        request = parse_request(line)
+                    except KmsError as error:
+                        replies.append(format_error(error))
+                        continue
+                    if isinstance(request, WRITE_REQUESTS):
+                        async with self._write_lock:
+                            replies.append(
+                                await dispatcher.respond_write(request, trio.to_thread.run_sync)
+                            )
+                        continue
+                    replies.append(dispatcher.respond(request))
+                    if type(request) is Quit:
+                        closing = True
+                        break
+            except TooLong as error:
+                replies.append(format_error(error))
+                closing = True
+            if replies:
+                await stream.send_all(b"".join(replies))
+            if closing:
+                return
+
+
+async def run(
+    dispatcher: Dispatcher,
+    listener: socket.socket,
+    limits: Limits,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    server = Server(dispatcher, listener, limits)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            task_status.started()
+            async for signum in signals:
+                log.info("%s received: stopping", signal.Signals(signum).name)
+                server.stop()
+                break
+
+
+def remove_socket(path: Path, bound: os.stat_result) -> None:
+    """Remove our socket file, unless something else has replaced it meanwhile."""
+    try:
+        current = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (current.st_dev, current.st_ino) == (bound.st_dev, bound.st_ino):
+        try:
+            path.unlink()
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("cannot remove socket %s: %s", path, exc.strerror)
+
