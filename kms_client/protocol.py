@@ -59,7 +59,7 @@ class LineFramer:
     small pipelined lines costs linear time.
     """
 
-    __slots__ = ("_buffer", "_max_line", "_start", "_scan_from")
+    __slots__ = ("_buffer", "_max_line", "_scan_from", "_start")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self._buffer = bytearray()

@@ -1,4 +1,4 @@
-# `kmsd`: the daemon's command line (init, serve). Turns every failure into one line and an exit code.
+# `kmsd`: the daemon's command line (init, serve); every failure is one line and an exit code.
 # Start-up order lives here: settings, KEK, store, socket, serve; no request handling.
 """The ``kmsd`` command.
 
@@ -70,7 +70,10 @@ def one_line_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         sys.exit(130)
     except OSError as exc:
-        fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), EXIT_UNEXPECTED)
+        fail(
+            f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+            EXIT_UNEXPECTED,
+        )
 
 
 def setup_logging(verbose: bool) -> None:
@@ -83,23 +86,31 @@ def setup_logging(verbose: bool) -> None:
 
 def store_option(required: bool) -> Callable[[Any], Any]:
     return click.option(
-        "--store", type=click.Path(path_type=Path), required=required,
+        "--store",
+        type=click.Path(path_type=Path),
+        required=required,
         help="Store directory (created 0700 by init).",
     )
 
 
 def kek_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(
-        "--passphrase-timeout", type=float, default=None,
+        "--passphrase-timeout",
+        type=float,
+        default=None,
         help="Seconds the passphrase command may take (default 30).",
     )(func)
     func = click.option(
-        "--passphrase-command", default=None, metavar="CMD",
+        "--passphrase-command",
+        default=None,
+        metavar="CMD",
         help="Command (run without a shell) whose first output line is the passphrase; "
         "the KEK is Argon2id of it.",
     )(func)
     return click.option(
-        "--kek-file", type=click.Path(path_type=Path), default=None,
+        "--kek-file",
+        type=click.Path(path_type=Path),
+        default=None,
         help="File holding the KEK: 32 raw bytes or 64 hex characters.",
     )(func)
 
@@ -114,17 +125,22 @@ def main() -> None:
 @store_option(required=True)
 @kek_options
 def init(
-    store: Path, kek_file: Path | None, passphrase_command: str | None,
+    store: Path,
+    kek_file: Path | None,
+    passphrase_command: str | None,
     passphrase_timeout: float | None,
 ) -> None:
     """Create a new, empty key store sealed under a KEK source."""
     with one_line_errors():
-        settings = load(None, {
-            "store": str(store),
-            "kek_file": str(kek_file) if kek_file else None,
-            "passphrase_command": passphrase_command,
-            "passphrase_timeout": passphrase_timeout,
-        })
+        settings = load(
+            None,
+            {
+                "store": str(store),
+                "kek_file": str(kek_file) if kek_file else None,
+                "passphrase_command": passphrase_command,
+                "passphrase_timeout": passphrase_timeout,
+            },
+        )
         source = settings.kek_source()
         description = source.describe_new()
         kek = source.obtain(description)
@@ -167,28 +183,58 @@ def open_store(settings: Settings) -> KeyStore:
 
 
 @main.command()
-@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
-              help="TOML file with the same settings; flags win.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML file with the same settings; flags win.",
+)
 @store_option(required=False)
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
-              help="Unix socket path (default /run/kms/kms.sock).")
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Unix socket path (default /run/kms/kms.sock).",
+)
 @click.option("--socket-mode", default=None, help="Socket permissions, octal (default 0600).")
 @kek_options
 @click.option("--max-line", type=int, default=None, help="Longest request line, bytes (1 MiB).")
 @click.option("--max-connections", type=int, default=None, help="Concurrent connections (1024).")
-@click.option("--idle-timeout", type=float, default=None,
-              help="Seconds a connection may stay silent or take to send a line (300).")
-@click.option("--grace-period", type=float, default=None,
-              help="Seconds in-flight requests get at shutdown (10).")
-@click.option("--dev", is_flag=True,
-              help="Development default: ./.kms-dev store with a random KEK file, ./kms.sock, "
-              "an exportable key 'demo'. Not for production.")
+@click.option(
+    "--idle-timeout",
+    type=float,
+    default=None,
+    help="Seconds a connection may stay silent or take to send a line (300).",
+)
+@click.option(
+    "--grace-period",
+    type=float,
+    default=None,
+    help="Seconds in-flight requests get at shutdown (10).",
+)
+@click.option(
+    "--dev",
+    is_flag=True,
+    help="Development default: ./.kms-dev store with a random KEK file, ./kms.sock, "
+    "an exportable key 'demo'. Not for production.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve(
-    config_file: Path | None, store: Path | None, socket_path: Path | None,
-    socket_mode: str | None, kek_file: Path | None, passphrase_command: str | None,
-    passphrase_timeout: float | None, max_line: int | None, max_connections: int | None,
-    idle_timeout: float | None, grace_period: float | None, dev: bool, verbose: bool,
+    config_file: Path | None,
+    store: Path | None,
+    socket_path: Path | None,
+    socket_mode: str | None,
+    kek_file: Path | None,
+    passphrase_command: str | None,
+    passphrase_timeout: float | None,
+    max_line: int | None,
+    max_connections: int | None,
+    idle_timeout: float | None,
+    grace_period: float | None,
+    dev: bool,
+    verbose: bool,
 ) -> None:
     """Serve protocol v1 on a Unix socket until SIGTERM or SIGINT."""
     setup_logging(verbose)
@@ -213,7 +259,8 @@ def serve(
                 log.warning(line)
             dev_settings = create_dev_store()
             overrides = {
-                "store": str(dev_settings.store), "socket": str(dev_settings.socket),
+                "store": str(dev_settings.store),
+                "socket": str(dev_settings.socket),
                 "kek_file": str(dev_settings.kek_file),
             } | {k: v for k, v in overrides.items() if v is not None}
         settings = load(config_file, overrides)
@@ -239,7 +286,10 @@ def serve_store(settings: Settings, store: KeyStore) -> None:
         dispatcher = Dispatcher(store, __version__)
         log.info(
             "serving store %s on %s (mode %04o), KEK source: %s",
-            settings.store, settings.socket, settings.socket_mode, store.metadata.kek["kind"],
+            settings.store,
+            settings.socket,
+            settings.socket_mode,
+            store.metadata.kek["kind"],
         )
         trio.run(run, dispatcher, listener, settings.limits())
     finally:

@@ -80,7 +80,7 @@ def parse_mode(value: object) -> int:
         except ValueError:
             raise ConfigError(f"socket_mode {value!r} is not an octal mode like 0660") from None
     else:
-        raise ConfigError("socket_mode must be octal text like \"0660\"")
+        raise ConfigError('socket_mode must be octal text like "0660"')
     if not 0 <= mode <= 0o777:
         raise ConfigError("socket_mode must be between 0000 and 0777")
     return mode

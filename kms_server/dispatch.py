@@ -112,7 +112,9 @@ class Dispatcher:
         }
         return json.dumps(document, separators=(",", ":"))
 
-    async def respond_write(self, request: Create | Rotate, run_blocking: ThreadRunner[Any]) -> bytes:
+    async def respond_write(
+        self, request: Create | Rotate, run_blocking: ThreadRunner[Any]
+    ) -> bytes:
         """``CREATE``/``ROTATE``: fsync'ed work in ``run_blocking``, cache update here.
 
         The caller serialises writes (one at a time), so version numbers cannot race.

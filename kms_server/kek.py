@@ -34,7 +34,9 @@ class KekError(Exception):
 
 
 class KekSource(Protocol):
-    kind: str
+    @property
+    def kind(self) -> str:
+        """The source kind recorded in the store metadata: "file" or "passphrase"."""
 
     def describe_new(self) -> dict[str, Any]:
         """The metadata ``kmsd init`` records for a new store using this source."""
@@ -108,9 +110,7 @@ class PassphraseCommand:
             # Kill the whole session: a grandchild holding the pipe open must not hang us.
             os.killpg(child.pid, signal.SIGKILL)
             child.communicate()
-            raise KekError(
-                f"passphrase command did not finish within {self.timeout:g} s"
-            ) from None
+            raise KekError(f"passphrase command did not finish within {self.timeout:g} s") from None
         if child.returncode != 0:
             raise KekError(f"passphrase command exited with status {child.returncode}")
         passphrase = output.split(b"\n", 1)[0].removesuffix(b"\r")

@@ -23,8 +23,8 @@ from kms_client.errors import BadCiphertext
 from kms_server.crypto import (
     KEY_SIZE,
     SEAL_OVERHEAD,
-    AuthenticationFailed,
     XAES256GCM,
+    AuthenticationFailed,
     hkdf_sha256,
     wipe,
 )

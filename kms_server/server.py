@@ -15,6 +15,7 @@ being served finish within the grace period; the socket file is removed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -134,11 +135,8 @@ class Server:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         if self._connections >= self._limits.max_connections:
-            with trio.move_on_after(1.0):
-                try:
-                    await stream.send_all(_TOO_MANY)
-                except trio.BrokenResourceError:
-                    pass
+            with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(_TOO_MANY)
             await trio.aclose_forcefully(stream)
             return
         self._connections += 1
@@ -150,7 +148,9 @@ class Server:
             self._connections -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _receive(self, stream: trio.SocketStream, framer: LineFramer, line_began: float) -> bytes | None:
+    async def _receive(
+        self, stream: trio.SocketStream, framer: LineFramer, line_began: float
+    ) -> bytes | None:
         """The next bytes from the client, or None when it is idle or too slow.
 
         A partial line must be completed within the idle timeout of its first
@@ -240,4 +240,3 @@ def remove_socket(path: Path, bound: os.stat_result) -> None:
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 log.warning("cannot remove socket %s: %s", path, exc.strerror)
-

@@ -46,8 +46,8 @@ from typing import Any
 from kms_client.errors import InternalError, KeyExists, KeyNotFound
 from kms_server.crypto import (
     KEY_SIZE,
-    AuthenticationFailed,
     XAES256GCM,
+    AuthenticationFailed,
     constant_time_equal,
     hkdf_sha256,
     random_bytes,
@@ -197,7 +197,9 @@ def read_metadata(store_dir: Path) -> StoreMetadata:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise StoreError(f"{store_dir} is not a key store (no {METADATA_NAME}); run `kmsd init`") from None
+        raise StoreError(
+            f"{store_dir} is not a key store (no {METADATA_NAME}); run `kmsd init`"
+        ) from None
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from None
     return StoreMetadata.from_json(data)
@@ -403,9 +405,10 @@ class KeyStore:
             created = header["created"]
             exportable = header["exportable"]
             if not isinstance(created, str) or not isinstance(exportable, bool):
-                raise ValueError("bad header")
+                raise TypeError("bad header")
         except (ValueError, KeyError, TypeError, AuthenticationFailed):
-            log.error("key file %s failed its integrity check: refusing to serve it", path)
+            # No traceback: it would say nothing more than this line.
+            log.error("key file %s failed its integrity check: refusing to serve it", path)  # noqa: TRY400
             raise KeyFileDamaged() from None
         return KeyVersion(key_id, version, created, exportable, material)
 

@@ -79,8 +79,15 @@ class Daemon:
 
     def command(self) -> list[str]:
         return [
-            *KMSD, "serve", "--store", str(self.store), "--socket", self.socket_path,
-            "--kek-file", str(self.kek_file), *self.extra_args,
+            *KMSD,
+            "serve",
+            "--store",
+            str(self.store),
+            "--socket",
+            self.socket_path,
+            "--kek-file",
+            str(self.kek_file),
+            *self.extra_args,
         ]
 
     def start(self) -> None:
