@@ -55,40 +55,57 @@ class LineFramer:
     The limit counts the bytes of a line without its LF (and without a CR just
     before the LF). A partial line that already exceeds the limit raises
     :class:`TooLong` at once, so a peer cannot make us buffer without end.
-    Consumed bytes are dropped lazily, once per :meth:`feed`, so a batch of many
-    small pipelined lines costs linear time.
+
+    Lines are sliced straight out of the received chunk (one copy per line);
+    only an unfinished line is kept aside, as a list of chunks joined once its
+    LF arrives, so large pipelined batches and long lines both cost linear time.
     """
 
-    __slots__ = ("_buffer", "_max_line", "_scan_from", "_start")
+    __slots__ = ("_buffer", "_max_line", "_partial", "_partial_size", "_start")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
-        self._buffer = bytearray()
-        self._max_line = max_line
+        self._buffer = b""
         self._start = 0
-        self._scan_from = 0
+        self._partial: list[bytes] = []
+        self._partial_size = 0
+        self._max_line = max_line
 
     def feed(self, data: bytes) -> None:
-        if self._start:
-            del self._buffer[: self._start]
-            self._scan_from -= self._start
-            self._start = 0
-        self._buffer += data
+        self._set_aside_tail()
+        if self._partial:
+            self._partial.append(data)
+            self._partial_size += len(data)
+            if b"\n" not in data:
+                return
+            data = b"".join(self._partial)
+            self._partial = []
+            self._partial_size = 0
+        self._buffer = data
+        self._start = 0
+
+    def _set_aside_tail(self) -> None:
+        if self._start < len(self._buffer):
+            tail = self._buffer[self._start :]
+            self._partial.append(tail)
+            self._partial_size += len(tail)
+        self._buffer = b""
+        self._start = 0
 
     def next_line(self) -> bytes | None:
         """Return the next complete line, or ``None`` when more data is needed."""
         buffer = self._buffer
-        newline = buffer.find(b"\n", self._scan_from)
+        start = self._start
+        newline = buffer.find(b"\n", start)
         if newline < 0:
-            self._scan_from = len(buffer)
-            if len(buffer) - self._start > self._max_line + 1:
+            self._set_aside_tail()
+            if self._partial_size > self._max_line + 1:
                 raise TooLong()
             return None
-        end = newline - 1 if newline > self._start and buffer[newline - 1] == 0x0D else newline
-        if end - self._start > self._max_line:
+        end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline
+        if end - start > self._max_line:
             raise TooLong()
-        line = bytes(buffer[self._start : end])
-        self._start = self._scan_from = newline + 1
-        return line
+        self._start = newline + 1
+        return buffer[start:end]
 
     def lines(self) -> Iterator[bytes]:
         """Yield every complete line buffered so far."""
@@ -98,7 +115,7 @@ class LineFramer:
     @property
     def has_partial_line(self) -> bool:
         """True when bytes of an unfinished line are buffered (a slow or stalled peer)."""
-        return len(self._buffer) > self._start
+        return bool(self._partial) or self._start < len(self._buffer)
 
 
 # --------------------------------------------------------------------------- field codecs
@@ -120,15 +137,41 @@ def parse_version(token: bytes) -> int:
     return version
 
 
+def _decode_stdlib(token: bytes) -> bytes:
+    return binascii.a2b_base64(token, strict_mode=True)
+
+
+def _encode_stdlib(value: bytes) -> bytes:
+    return binascii.b2a_base64(value, newline=False)
+
+
+# pybase64 (SIMD) decodes and encodes about 15x faster than binascii, which would
+# otherwise dominate an 8 KiB ENC. The daemon depends on it; a client without it
+# falls back to the standard library with the same strict rules (a test checks
+# both agree on valid and invalid input).
+try:
+    import pybase64
+
+    def _decode(token: bytes) -> bytes:
+        return pybase64.b64decode(token, validate=True)
+
+    def _encode(value: bytes) -> bytes:
+        return pybase64.b64encode(value)
+
+except ImportError:  # pragma: no cover - exercised by the stdlib-only client test
+    _decode = _decode_stdlib
+    _encode = _encode_stdlib
+
+
 def b64decode_strict(token: bytes) -> bytes:
     """Decode standard padded base64, refusing any other spelling of the same bytes.
 
-    ``binascii`` strict mode already refuses foreign characters and bad padding;
-    the extra check on the last symbol refuses non-zero padding bits, so every
-    value has exactly one accepted encoding.
+    Strict decoding refuses foreign characters, missing or misplaced padding and
+    data after padding; the extra check on the last symbol refuses non-zero
+    padding bits, so every value has exactly one accepted encoding.
     """
     try:
-        value = binascii.a2b_base64(token, strict_mode=True)
+        value = _decode(token)
     except (binascii.Error, ValueError):
         raise BadRequest("invalid base64") from None
     if token.endswith(b"=="):
@@ -140,7 +183,7 @@ def b64decode_strict(token: bytes) -> bytes:
 
 
 def b64encode(value: bytes) -> bytes:
-    return binascii.b2a_base64(value, newline=False)
+    return _encode(value)
 
 
 def _nonempty_b64(token: bytes, what: str) -> bytes:
@@ -502,6 +545,22 @@ _PARSERS: dict[bytes, Any] = {
 VERBS: tuple[str, ...] = tuple(verb.decode("ascii") for verb in _PARSERS)
 
 
+_LONG_LINE = 512
+
+
+def _split_long(line: bytes) -> list[bytes]:
+    """``line.split(b" ")`` for long lines: ``find`` uses memchr, about 5x faster than
+    ``split``'s byte loop on an 11 KB base64 token; short lines keep ``split``."""
+    tokens = []
+    start = 0
+    find = line.find
+    while (space := find(b" ", start)) >= 0:
+        tokens.append(line[start:space])
+        start = space + 1
+    tokens.append(line[start:])
+    return tokens
+
+
 def parse_request(line: bytes) -> Request[Any]:
     """Parse one request line (without its LF) into a typed request.
 
@@ -510,7 +569,7 @@ def parse_request(line: bytes) -> Request[Any]:
     """
     if not line:
         raise BadRequest("empty request")
-    tokens = line.split(b" ")
+    tokens = line.split(b" ") if len(line) < _LONG_LINE else _split_long(line)
     parser = _PARSERS.get(tokens[0].upper())
     if parser is None:
         if not line.isascii():
