@@ -570,13 +570,12 @@ def parse_request(line: bytes) -> Request[Any]:
     if not line:
         raise BadRequest("empty request")
     tokens = line.split(b" ") if len(line) < _LONG_LINE else _split_long(line)
+    if b"" in tokens:
+        raise BadRequest("tokens are separated by single spaces")
     parser = _PARSERS.get(tokens[0].upper())
     if parser is None:
         if not line.isascii():
             raise BadRequest("request is not ASCII")
         raise UnknownCommand()
-    args = tokens[1:]
-    if b"" in args:
-        raise BadRequest("tokens are separated by single spaces")
-    request: Request[Any] = parser(args)
+    request: Request[Any] = parser(tokens[1:])
     return request

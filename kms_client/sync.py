@@ -12,11 +12,13 @@ Connection rules, shared with :class:`kms_client.AsyncClient`:
 * One AF_UNIX stream connection, opened on the first call and reused; a lock
   serialises each request/response exchange, so one ``Client`` may be shared by
   threads (requests from different threads simply queue).
-* If the connection turns out to be dead (the daemon restarted: ``EPIPE`` or
-  ``ECONNRESET``, or end of stream before the reply), a *repeatable* request is
-  sent once more on a fresh connection. ``CREATE`` and ``ROTATE`` are never resent
-  automatically: the daemon may have applied them before it went away, and
-  resending would create a second version or report ``EXISTS`` for our own key.
+* If the connection turns out to be dead (the daemon restarted or closed an
+  idle connection: ``EPIPE`` or ``ECONNRESET``, or end of stream before the
+  reply), the request is sent once more on a fresh connection when that is
+  safe: always if the send itself failed (the line's final LF never arrived,
+  so the daemon cannot have executed it), and otherwise only for *repeatable*
+  requests. A ``CREATE`` or ``ROTATE`` whose line was delivered is never
+  resent: the daemon may have applied it before it went away.
 * ``timeout`` bounds one whole call (connect, send, receive, and the retry).
   A timeout drops the connection, because a late reply would otherwise be read
   as the answer to the next request.
@@ -26,12 +28,13 @@ Connection rules, shared with :class:`kms_client.AsyncClient`:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -69,8 +72,13 @@ PIPELINE_BATCH = 256
 _IO_SIZE = 256 << 10
 
 
-class _Broken(Exception):
-    """The connection died under us; ``sent`` says whether the request left entirely."""
+class BrokenConnection(Exception):
+    """Internal to both clients: the connection died under us (never escapes a client).
+
+    ``sent`` says whether the request had been written entirely. If not, its
+    LF never arrived and the daemon cannot have executed it, so any request may
+    be resent; if so, only a repeatable one may.
+    """
 
     def __init__(self, sent: bool) -> None:
         super().__init__("connection broken")
@@ -121,13 +129,12 @@ class Client:
     ``ConnectionFailed``, ``Timeout`` and ``ProtocolViolation``.
     """
 
-    def __init__(
-        self, socket_path: str | os.PathLike[str], timeout: float | None = 10.0
-    ) -> None:
+    def __init__(self, socket_path: str | os.PathLike[str], timeout: float | None = 10.0) -> None:
         self.socket_path = os.fspath(socket_path)
         self.timeout = timeout
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._pid = os.getpid()
         self._framer = LineFramer(RESPONSE_MAX_LINE)
 
     # ------------------------------------------------------------------ life cycle
@@ -179,12 +186,12 @@ class Client:
             deadline = self._deadline()
             try:
                 reply = self._exchange(line, deadline)
-            except _Broken as broken:
-                if not request.repeatable:
+            except BrokenConnection as broken:
+                if broken.sent and not request.repeatable:
                     raise connection_broken(request.verb, broken.sent, False) from broken
                 try:
                     reply = self._exchange(line, deadline)
-                except _Broken as again:
+                except BrokenConnection as again:
                     raise connection_broken(request.verb, again.sent, True) from again
             try:
                 result = settle(request, parse_response(reply))
@@ -222,7 +229,7 @@ class Client:
                 try:
                     self._pipeline_attempt(requests, results)
                     break
-                except _Broken as broken:
+                except BrokenConnection as broken:
                     pending = requests[len(results) :]
                     if retried or not all(request.repeatable for request in pending):
                         raise ConnectionFailed(
@@ -307,24 +314,22 @@ class Client:
             raise ConnectionFailed(
                 f"cannot connect to {self.socket_path}: {exc.strerror or exc}"
             ) from exc
-        self._sock = sock
+        self._sock, self._pid = sock, os.getpid()
         return sock
 
-    def _exchange(self, line: bytes, deadline: float | None) -> bytes:
-        """One request line out, one response line back; drops the connection on any failure."""
-        sock = self._sock if self._sock is not None else self._open(deadline)
-        sent = False
+    @contextlib.contextmanager
+    def _guard(self, sent: bool) -> Iterator[None]:
+        """Map socket failures to client errors; any failure drops the connection.
+
+        After a failure mid-exchange nobody knows what is still in flight, so the
+        only safe stream is a new one. ``sent`` says whether the request had been
+        written entirely when the block started (for the retry decision).
+        """
         try:
-            sock.settimeout(self._remaining(deadline))
-            sock.sendall(line)
-            sent = True
-            reply = self._read_line(sock, deadline)
-            if self._framer.has_partial_line:
-                raise ProtocolViolation("server sent data nobody asked for")
-            return reply
+            yield
         except ConnectionError as exc:
             self._drop()
-            raise _Broken(sent) from exc
+            raise BrokenConnection(sent) from exc
         except TimeoutError as exc:
             self._drop()
             raise Timeout() from exc
@@ -335,93 +340,138 @@ class Client:
             self._drop()
             raise
 
+    def _connection(self, deadline: float | None) -> socket.socket:
+        """The open connection, or a new one; never one inherited across ``fork()``.
+
+        A database forks workers: a parent's connection shared with a child
+        would hand each process the other's replies. The child closes only its
+        own copy of the descriptor (no QUIT), so the parent's connection lives on.
+        """
+        if self._sock is not None and self._pid != os.getpid():
+            self._drop()
+        if self._sock is not None:
+            return self._sock
+        return self._open(deadline)
+
+    def _exchange(self, line: bytes, deadline: float | None) -> bytes:
+        """One request line out, one response line back."""
+        sock = self._connection(deadline)
+        with self._guard(sent=False):
+            sock.settimeout(self._remaining(deadline))
+            sock.sendall(line)
+        with self._guard(sent=True):
+            reply = self._read_line(sock, deadline)
+            expect_idle(self._framer)
+        return reply
+
     def _read_line(self, sock: socket.socket, deadline: float | None) -> bytes:
         framer = self._framer
-        while True:
-            try:
-                line = framer.next_line()
-            except TooLong:
-                raise ProtocolViolation("server reply exceeds the client's line limit") from None
-            if line is not None:
-                return line
+        while (line := next_reply_line(framer)) is None:
             sock.settimeout(self._remaining(deadline))
             data = sock.recv(_IO_SIZE)
             if not data:
-                raise _Broken(sent=True)
+                raise BrokenConnection(sent=True)
             framer.feed(data)
+        return line
 
     def _pipeline_attempt(self, requests: Sequence[Request[Any]], results: list[Any]) -> None:
         """Send ``requests[len(results):]`` and append their replies to ``results``.
 
-        Raises :class:`_Broken` (connection dropped) so the caller may retry the
+        Raises :class:`BrokenConnection` (connection dropped) so the caller may retry the
         unanswered tail on a new connection.
         """
-        sock = self._sock if self._sock is not None else self._open(self._deadline())
-        framer = self._framer
-        next_send = len(results)
-        outgoing = memoryview(b"")
-        selector = selectors.DefaultSelector()
-        try:
+        sock = self._connection(self._deadline())
+        pump = _Pump(sock, self._framer, requests, results)
+        with self._guard(sent=True), selectors.DefaultSelector() as selector:
             # Non-blocking: a blocking AF_UNIX send() waits until *all* bytes are
             # queued, which is exactly the deadlock the selector is here to avoid.
             sock.setblocking(False)
             events = selectors.EVENT_READ | selectors.EVENT_WRITE
             selector.register(sock, events)
-            while len(results) < len(requests):
-                if not outgoing and next_send < len(requests):
-                    batch = requests[next_send : next_send + PIPELINE_BATCH]
-                    outgoing = memoryview(b"".join(request.to_line() for request in batch))
-                    next_send += len(batch)
-                wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if outgoing else 0)
+            while not pump.done:
+                wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if pump.wants_write() else 0)
                 if wanted != events:
                     selector.modify(sock, wanted)
                     events = wanted
                 ready = selector.select(self.timeout)
                 if not ready:
                     raise TimeoutError
-                _, mask = ready[0]
-                if mask & selectors.EVENT_WRITE and outgoing:
-                    try:
-                        outgoing = outgoing[sock.send(outgoing[:_IO_SIZE]) :]
-                    except BlockingIOError:
-                        pass
-                    except ConnectionError:
-                        # Replies to what did arrive may still be buffered: read on to EOF.
-                        outgoing, next_send = memoryview(b""), len(requests)
+                mask = ready[0][1]
+                if mask & selectors.EVENT_WRITE:
+                    pump.write()
                 if mask & selectors.EVENT_READ:
-                    try:
-                        data = sock.recv(_IO_SIZE)
-                    except BlockingIOError:
-                        continue
-                    if not data:
-                        raise _Broken(sent=True)
-                    framer.feed(data)
-                    self._collect(framer, requests, results)
-            if framer.has_partial_line:
-                raise ProtocolViolation("server sent data nobody asked for")
-        except ConnectionError as exc:
-            self._drop()
-            raise _Broken(sent=True) from exc
-        except TimeoutError as exc:
-            self._drop()
-            raise Timeout() from exc
-        except OSError as exc:
-            self._drop()
-            raise ConnectionFailed(f"connection to the key daemon failed: {exc}") from exc
-        except BaseException:
-            self._drop()
-            raise
-        finally:
-            selector.close()
+                    pump.read()
+            expect_idle(self._framer)
 
-    @staticmethod
-    def _collect(framer: LineFramer, requests: Sequence[Request[Any]], results: list[Any]) -> None:
+
+class _Pump:
+    """The state of one pipelined batch: what is left to send, what has been answered."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        framer: LineFramer,
+        requests: Sequence[Request[Any]],
+        results: list[Any],
+    ) -> None:
+        self.sock = sock
+        self.framer = framer
+        self.requests = requests
+        self.results = results
+        self.next_send = len(results)
+        self.outgoing = memoryview(b"")
+
+    @property
+    def done(self) -> bool:
+        return len(self.results) == len(self.requests)
+
+    def wants_write(self) -> bool:
+        """Encode the next batch when the previous one has left; True while bytes wait."""
+        if not self.outgoing and self.next_send < len(self.requests):
+            batch = self.requests[self.next_send : self.next_send + PIPELINE_BATCH]
+            self.outgoing = memoryview(b"".join(request.to_line() for request in batch))
+            self.next_send += len(batch)
+        return bool(self.outgoing)
+
+    def write(self) -> None:
         try:
-            for line in framer.lines():
-                if len(results) == len(requests):
-                    raise ProtocolViolation("server sent more replies than requests")
-                request = requests[len(results)]
-                results.append(settle(request, parse_response(line)))
-        except TooLong:
-            raise ProtocolViolation("server reply exceeds the client's line limit") from None
+            self.outgoing = self.outgoing[self.sock.send(self.outgoing[:_IO_SIZE]) :]
+        except BlockingIOError:
+            pass
+        except ConnectionError:
+            # Replies to what did arrive may still be buffered: stop sending, read on to EOF.
+            self.outgoing, self.next_send = memoryview(b""), len(self.requests)
 
+    def read(self) -> None:
+        try:
+            data = self.sock.recv(_IO_SIZE)
+        except BlockingIOError:
+            return
+        if not data:
+            raise BrokenConnection(sent=True)
+        self.framer.feed(data)
+        collect_replies(self.framer, self.requests, self.results)
+
+
+def next_reply_line(framer: LineFramer) -> bytes | None:
+    """The next complete reply line; an over-long one is the server's fault, not ours."""
+    try:
+        return framer.next_line()
+    except TooLong:
+        raise ProtocolViolation("server reply exceeds the client's line limit") from None
+
+
+def collect_replies(
+    framer: LineFramer, requests: Sequence[Request[Any]], results: list[Any]
+) -> None:
+    """Settle every buffered reply line against the next unanswered request, in order."""
+    while (line := next_reply_line(framer)) is not None:
+        if len(results) == len(requests):
+            raise ProtocolViolation("server sent more replies than requests")
+        results.append(settle(requests[len(results)], parse_response(line)))
+
+
+def expect_idle(framer: LineFramer) -> None:
+    """Between exchanges nothing may be buffered: the server speaks only when asked."""
+    if framer.has_partial_line:
+        raise ProtocolViolation("server sent data nobody asked for")

@@ -77,7 +77,9 @@ class KeyVersion:
         return header + self._cipher.seal(plaintext, self._aad_head + aad)
 
     def decrypt(self, ciphertext: bytes, aad: bytes) -> bytes:
-        """Open a ciphertext made by :meth:`encrypt`; the caller checked its version."""
+        """Open a ciphertext made by :meth:`encrypt` under this very version."""
+        if ciphertext[:_HEADER_SIZE] != self._aad_head[-_HEADER_SIZE:]:
+            raise BadCiphertext()
         try:
             return self._cipher.open(ciphertext[_HEADER_SIZE:], self._aad_head + aad)
         except AuthenticationFailed:

@@ -1,0 +1,323 @@
+# AsyncClient: the same loop as sync.Client on trio: one reused connection, a trio.Lock, retry-once.
+# Must not format or parse protocol bytes itself, nor differ from Client in retry/timeout rules.
+"""A trio client for ``kmsd`` with the same methods and rules as :class:`kms_client.Client`.
+
+Tasks sharing one ``AsyncClient`` queue on a :class:`trio.Lock`, one exchange
+at a time. Repeatable requests are resent once on a fresh connection when the
+old one turns out dead; ``CREATE`` and ``ROTATE`` never are. ``timeout`` bounds
+one call (a cancel scope around connect, send, receive and the retry); when it
+expires, or the caller's own cancel scope fires mid-exchange, the connection is
+closed, because the reply still in flight would answer the next request.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import trio
+
+from kms_client.errors import ConnectionFailed, KmsError, ProtocolViolation, Timeout
+from kms_client.protocol import (
+    DEFAULT_DATAKEY_BYTES,
+    Create,
+    DataKey,
+    Decrypt,
+    Encrypt,
+    GenerateDataKey,
+    Get,
+    Hello,
+    Help,
+    Info,
+    KeyMaterial,
+    LineFramer,
+    Ping,
+    Quit,
+    Request,
+    Rotate,
+    parse_response,
+)
+from kms_client.sync import (
+    PIPELINE_BATCH,
+    RESPONSE_MAX_LINE,
+    BrokenConnection,
+    check_request,
+    collect_replies,
+    connection_broken,
+    expect_idle,
+    next_reply_line,
+    settle,
+)
+
+R = TypeVar("R")
+
+_RECEIVE_SIZE = 256 << 10
+#: How long ``aclose`` may spend saying QUIT before it closes anyway.
+_CLOSE_TIMEOUT = 1.0
+
+
+class AsyncClient:
+    """A trio ``kmsd`` client over one reused Unix-socket connection.
+
+    ``async with AsyncClient(path) as client`` connects lazily on the first call;
+    ``await AsyncClient.connect(path)`` connects at once, so a missing daemon is
+    reported there. Errors are the same :class:`KmsError` family as ``Client``.
+    """
+
+    def __init__(self, socket_path: str | os.PathLike[str], timeout: float | None = 10.0) -> None:
+        self.socket_path = os.fspath(socket_path)
+        self.timeout = timeout
+        self._lock = trio.Lock()
+        self._stream: trio.SocketStream | None = None
+        self._framer = LineFramer(RESPONSE_MAX_LINE)
+
+    @classmethod
+    async def connect(
+        cls, socket_path: str | os.PathLike[str], timeout: float | None = 10.0
+    ) -> Self:
+        """Create a client and open its connection now."""
+        client = cls(socket_path, timeout)
+        async with client._lock:
+            with trio.move_on_after(client._budget()) as scope:
+                await client._open()
+        if scope.cancelled_caught:
+            raise Timeout(f"connecting to {client.socket_path} timed out")
+        return client
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Say ``QUIT`` (best effort) and close the connection.
+
+        Shielded and bounded: closing must finish even while the caller is being
+        cancelled, and must not hang on a stuck daemon. We do not wait for the OK.
+        """
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(_CLOSE_TIMEOUT):
+                async with self._lock:
+                    if self._stream is not None:
+                        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                            await self._stream.send_all(Quit().to_line())
+            self._drop()
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is open (it may still turn out to be dead)."""
+        return self._stream is not None
+
+    # ------------------------------------------------------------------ core
+
+    async def call(self, request: Request[R]) -> R:
+        """Send one request, wait for its reply and return the parsed value.
+
+        Raises the :class:`KmsError` subclass for an ``ERR`` reply.
+        """
+        line = check_request(request)
+        async with self._lock:
+            with trio.move_on_after(self._budget()) as scope:
+                reply = await self._round_trip(request, line)
+            if scope.cancelled_caught:
+                raise Timeout()
+            try:
+                result = settle(request, parse_response(reply))
+            except ProtocolViolation:
+                self._drop()
+                raise
+            if isinstance(request, Quit):
+                self._drop()
+        if isinstance(result, KmsError):
+            raise result
+        return result
+
+    async def pipeline(self, requests: Sequence[Request[Any]]) -> list[Any]:
+        """Send many requests without waiting; return each reply or its ``KmsError``, in order.
+
+        Same contract as :meth:`kms_client.Client.pipeline`: a sender task and the
+        receiving loop run concurrently, so large replies cannot deadlock, and
+        ``timeout`` bounds each wait for progress rather than the whole batch.
+        """
+        for request in requests:
+            check_request(request)
+        results: list[Any] = []
+        if not requests:
+            return results
+        async with self._lock:
+            retried = False
+            while True:
+                try:
+                    await self._pipeline_attempt(requests, results)
+                    break
+                except BrokenConnection as broken:
+                    pending = requests[len(results) :]
+                    if retried or not all(request.repeatable for request in pending):
+                        raise ConnectionFailed(
+                            f"connection to the key daemon broke after {len(results)} of"
+                            f" {len(requests)} replies; unanswered CREATE or ROTATE requests"
+                            " may have been applied"
+                        ) from broken
+                    retried = True
+            if any(isinstance(request, Quit) for request in requests):
+                self._drop()
+        return results
+
+    # ------------------------------------------------------------------ verbs
+
+    async def ping(self) -> None:
+        await self.call(Ping())
+
+    async def hello(self) -> str:
+        """Return the daemon's version string (the protocol name is checked)."""
+        return await self.call(Hello())
+
+    async def help(self) -> tuple[str, ...]:
+        return await self.call(Help())
+
+    async def create(self, key_id: str, exportable: bool = False) -> int:
+        """Create a key; returns its first version. Never retried automatically."""
+        return await self.call(Create(key_id, exportable))
+
+    async def rotate(self, key_id: str) -> int:
+        """Add a version and make it current; returns it. Never retried automatically."""
+        return await self.call(Rotate(key_id))
+
+    async def info(self, key_id: str) -> dict[str, Any]:
+        return await self.call(Info(key_id))
+
+    async def get(self, key_id: str, version: int | None = None) -> KeyMaterial:
+        return await self.call(Get(key_id, version))
+
+    async def encrypt(self, key_id: str, plaintext: bytes, aad: bytes = b"") -> bytes:
+        return await self.call(Encrypt(key_id, plaintext, aad))
+
+    async def decrypt(self, key_id: str, ciphertext: bytes, aad: bytes = b"") -> bytes:
+        return await self.call(Decrypt(key_id, ciphertext, aad))
+
+    async def datakey(self, key_id: str, nbytes: int = DEFAULT_DATAKEY_BYTES) -> DataKey:
+        return await self.call(GenerateDataKey(key_id, nbytes))
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _budget(self) -> float:
+        return math.inf if self.timeout is None else self.timeout
+
+    def _drop(self) -> None:
+        """Forget the connection and any half-read reply (synchronous, so safe when cancelled)."""
+        stream, self._stream = self._stream, None
+        self._framer = LineFramer(RESPONSE_MAX_LINE)
+        if stream is not None:
+            stream.socket.close()
+
+    async def _open(self) -> trio.SocketStream:
+        try:
+            stream = await trio.open_unix_socket(self.socket_path)
+        except OSError as exc:
+            raise ConnectionFailed(
+                f"cannot connect to {self.socket_path}: {exc.strerror or exc}"
+            ) from exc
+        self._stream = stream
+        return stream
+
+    @contextmanager
+    def _guard(self, sent: bool) -> Iterator[None]:
+        """Map stream failures to client errors; any failure, even Cancelled, drops the stream."""
+        try:
+            yield
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._drop()
+            raise BrokenConnection(sent) from exc
+        except OSError as exc:
+            self._drop()
+            raise ConnectionFailed(f"connection to the key daemon failed: {exc}") from exc
+        except BaseException:
+            self._drop()
+            raise
+
+    async def _round_trip(self, request: Request[Any], line: bytes) -> bytes:
+        try:
+            return await self._exchange(line)
+        except BrokenConnection as broken:
+            if broken.sent and not request.repeatable:
+                raise connection_broken(request.verb, broken.sent, False) from broken
+        try:
+            return await self._exchange(line)
+        except BrokenConnection as again:
+            raise connection_broken(request.verb, again.sent, True) from again
+
+    async def _exchange(self, line: bytes) -> bytes:
+        """One request line out, one response line back."""
+        stream = self._stream if self._stream is not None else await self._open()
+        with self._guard(sent=False):
+            await stream.send_all(line)
+        with self._guard(sent=True):
+            reply = await self._read_line(stream)
+            expect_idle(self._framer)
+        return reply
+
+    async def _read_line(self, stream: trio.SocketStream) -> bytes:
+        framer = self._framer
+        while (line := next_reply_line(framer)) is None:
+            data = await stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                raise BrokenConnection(sent=True)
+            framer.feed(data)
+        return line
+
+    async def _pipeline_attempt(self, requests: Sequence[Request[Any]], results: list[Any]) -> None:
+        """Send ``requests[len(results):]`` and append their replies to ``results``.
+
+        The nursery's body only records a failure and cancels: an exception
+        escaping a nursery would arrive wrapped in an ExceptionGroup.
+        """
+        stream = self._stream if self._stream is not None else await self._open()
+        framer = self._framer
+        budget = self._budget()
+        failure: BaseException | None = None
+
+        with trio.CancelScope(deadline=trio.current_time() + budget) as progress:
+
+            async def send_batches() -> None:
+                try:
+                    for start in range(len(results), len(requests), PIPELINE_BATCH):
+                        batch = requests[start : start + PIPELINE_BATCH]
+                        await stream.send_all(b"".join(request.to_line() for request in batch))
+                        progress.deadline = trio.current_time() + budget
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # Replies to what did arrive may still be buffered; the
+                    # receiver reads on to EOF and reports the break.
+                    pass
+
+            with self._guard(sent=True):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send_batches)
+                    try:
+                        while len(results) < len(requests):
+                            data = await stream.receive_some(_RECEIVE_SIZE)
+                            if not data:
+                                raise BrokenConnection(sent=True)
+                            progress.deadline = trio.current_time() + budget
+                            framer.feed(data)
+                            collect_replies(framer, requests, results)
+                        expect_idle(framer)
+                    except (BrokenConnection, KmsError, trio.BrokenResourceError) as exc:
+                        failure = exc
+                        nursery.cancel_scope.cancel()
+                if failure is not None:
+                    raise failure
+        if progress.cancelled_caught:
+            self._drop()
+            raise Timeout()

@@ -1,0 +1,135 @@
+# A scripted stand-in for kmsd on a real Unix socket, for failures kmsd won't produce on cue.
+# Must not imitate kmsd beyond what each test scripts: no keys, no crypto, no protocol parsing.
+"""Misbehaving servers for client tests: silent, garbage-speaking, or hanging up.
+
+Each accepted connection runs ``handler(conn, index)`` in its own thread, where
+``index`` counts connections from 0, so a test can script "answer on the first
+connection, hang up on the second" and then check how many connections the
+client opened (``server.connections``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from types import TracebackType
+
+Handler = Callable[[socket.socket, int], None]
+
+
+def lines(conn: socket.socket) -> Iterator[bytes]:
+    """Yield request lines (without LF) until the client hangs up or the server stops."""
+    buffer = b""
+    while True:
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            return
+        if not data:
+            return
+        buffer += data
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line
+
+
+def reply_with(answer: Callable[[bytes], bytes]) -> Handler:
+    """Answer every request line with ``answer(line)`` (which includes the LF)."""
+
+    def handler(conn: socket.socket, index: int) -> None:
+        for line in lines(conn):
+            conn.sendall(answer(line))
+
+    return handler
+
+
+def silent(conn: socket.socket, index: int) -> None:
+    """Read requests and never answer."""
+    for _ in lines(conn):
+        pass
+
+
+def hang_up_after_request(conn: socket.socket, index: int) -> None:
+    """Read one request, then close without answering (a daemon dying mid-request)."""
+    for _ in lines(conn):
+        return
+
+
+def hang_up_first_then(answer: Callable[[bytes], bytes]) -> Handler:
+    """Hang up on the first connection after one request; answer on every later one."""
+    replying = reply_with(answer)
+
+    def handler(conn: socket.socket, index: int) -> None:
+        if index == 0:
+            hang_up_after_request(conn, index)
+        else:
+            replying(conn, index)
+
+    return handler
+
+
+class ScriptedServer:
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self.connections = 0
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._conns: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+
+    def __enter__(self) -> ScriptedServer:
+        self._listener.bind(self.path)
+        self._listener.listen(16)
+        self._listener.settimeout(0.05)
+        accept = threading.Thread(target=self._accept_loop, daemon=True)
+        accept.start()
+        self._threads.append(accept)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._closed.set()
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(5)
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+        self._listener.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            with self._lock:
+                index = self.connections
+                self.connections += 1
+                self._conns.append(conn)
+                thread = threading.Thread(target=self._serve, args=(conn, index), daemon=True)
+                self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, index: int) -> None:
+        try:
+            self.handler(conn, index)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)

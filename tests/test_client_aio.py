@@ -1,0 +1,224 @@
+# The trio AsyncClient against the real kmsd and scripted servers: the blocking Client's rules,
+# plus what only trio has (concurrent tasks on one client, cancellation mid-exchange).
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import kms_client
+from kms_client import (
+    AsyncClient,
+    BadCiphertext,
+    BadKeyId,
+    ConnectionFailed,
+    KeyExists,
+    KeyNotFound,
+    KmsError,
+    NotExportable,
+    ProtocolViolation,
+    Timeout,
+)
+from kms_client.aio import AsyncClient as DirectAsyncClient
+from kms_client.protocol import Decrypt, Encrypt, Get, Ping, Request, Rotate
+from tests.conftest import Daemon
+from tests.scripted_server import (
+    ScriptedServer,
+    hang_up_after_request,
+    hang_up_first_then,
+    reply_with,
+    silent,
+)
+
+
+@pytest.fixture
+async def client(daemon: Daemon) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(daemon.socket_path) as c:
+        yield c
+
+
+def test_async_client_is_exported_lazily() -> None:
+    assert kms_client.AsyncClient is DirectAsyncClient
+    assert "AsyncClient" in kms_client.__all__
+
+
+async def test_every_method_round_trips(client: AsyncClient) -> None:
+    await client.ping()
+    assert await client.hello()
+    assert "DATAKEY" in await client.help()
+    assert await client.create("svc/a", exportable=True) == 1
+    first = await client.get("svc/a")
+    assert (first.version, len(first.key)) == (1, 32)
+    assert await client.rotate("svc/a") == 2
+    assert await client.get("svc/a", 1) == first
+    assert (await client.info("svc/a"))["latest"] == 2
+    ciphertext = await client.encrypt("svc/a", b"\x00\xffdata", aad=b"ctx")
+    assert await client.decrypt("svc/a", ciphertext, aad=b"ctx") == b"\x00\xffdata"
+    data_key = await client.datakey("svc/a", nbytes=24)
+    assert len(data_key.key) == 24
+    assert await client.decrypt("svc/a", data_key.wrapped) == data_key.key
+
+
+async def test_errors_carry_their_wire_code(client: AsyncClient) -> None:
+    await client.create("plain")
+    ciphertext = await client.encrypt("plain", b"data", aad=b"right")
+    with pytest.raises(BadCiphertext) as bad:
+        await client.decrypt("plain", ciphertext, aad=b"wrong")
+    assert bad.value.code == "BAD_CIPHERTEXT"
+    with pytest.raises(NotExportable):
+        await client.get("plain")
+    with pytest.raises(KeyNotFound) as missing:
+        await client.info("missing")
+    assert missing.value.code == "NOT_FOUND"
+    with pytest.raises(KeyExists):
+        await client.create("plain")
+    with pytest.raises(BadKeyId):
+        await client.get("a\nPING")
+    await client.ping()
+
+
+async def test_connect_reports_a_missing_daemon(short_tmp: Path) -> None:
+    with pytest.raises(ConnectionFailed) as error:
+        await AsyncClient.connect(short_tmp / "absent.sock")
+    assert error.value.code == "CONNECTION_FAILED"
+
+
+async def test_connect_opens_at_once(daemon: Daemon) -> None:
+    c = await AsyncClient.connect(daemon.socket_path)
+    assert c.connected
+    await c.ping()
+    await c.aclose()
+    assert not c.connected
+
+
+async def test_restart_resends_only_repeatable_requests(
+    daemon: Daemon, client: AsyncClient
+) -> None:
+    await client.create("k")
+    ciphertext = await client.encrypt("k", b"before")
+    await trio.to_thread.run_sync(daemon.restart)
+    assert await client.decrypt("k", ciphertext) == b"before"
+    await trio.to_thread.run_sync(daemon.restart)
+    # The send on the dead connection fails before the LF is delivered: safe to resend.
+    assert await client.rotate("k") == 2
+    assert (await client.info("k"))["latest"] == 2
+
+
+async def test_concurrent_tasks_share_one_client(client: AsyncClient) -> None:
+    await client.create("shared")
+
+    async def work(worker: int) -> None:
+        for i in range(100):
+            plaintext = f"{worker}:{i}".encode()
+            ciphertext = await client.encrypt("shared", plaintext)
+            assert await client.decrypt("shared", ciphertext) == plaintext
+
+    async with trio.open_nursery() as nursery:
+        for worker in range(8):
+            nursery.start_soon(work, worker)
+
+
+async def test_pipeline_of_ten_thousand(client: AsyncClient) -> None:
+    await client.create("bulk")
+    requests: list[Request[Any]] = [
+        Get(f"missing-{i}") if i % 100 == 99 else Encrypt("bulk", i.to_bytes(4, "big"))
+        for i in range(10_000)
+    ]
+    results = await client.pipeline(requests)
+    assert len(results) == 10_000
+    assert all(isinstance(results[i], KeyNotFound) for i in range(99, 10_000, 100))
+    sample = range(0, 10_000, 41)
+    opened = await client.pipeline([Decrypt("bulk", results[i]) for i in sample if i % 100 != 99])
+    assert opened == [i.to_bytes(4, "big") for i in sample if i % 100 != 99]
+
+
+# ---------------------------------------------------------------------- scripted failures
+
+
+async def test_timeout_drops_the_connection(short_tmp: Path) -> None:
+    path = str(short_tmp / "s.sock")
+    with ScriptedServer(path, silent) as server:
+        async with AsyncClient(path, timeout=0.2) as c:
+            with pytest.raises(Timeout) as error:
+                await c.ping()
+            assert error.value.code == "TIMEOUT"
+            assert not c.connected
+            with pytest.raises(Timeout):
+                await c.pipeline([Ping()] * 3)
+            assert not c.connected
+        assert server.connections == 2
+
+
+async def test_cancellation_mid_exchange_drops_the_connection(short_tmp: Path) -> None:
+    path = str(short_tmp / "s.sock")
+    with ScriptedServer(path, silent) as server:
+        async with AsyncClient(path, timeout=None) as c:
+            with trio.move_on_after(0.1):
+                await c.ping()
+            assert not c.connected  # a late PONG must not answer the next request
+            with trio.move_on_after(0.1):
+                await c.pipeline([Ping()] * 5)
+            assert not c.connected
+        assert server.connections == 2
+
+
+async def test_hang_up_before_reply_retries_once_only_when_repeatable(short_tmp: Path) -> None:
+    path = str(short_tmp / "s.sock")
+    with ScriptedServer(path, hang_up_after_request) as server:
+        async with AsyncClient(path) as c:
+            with pytest.raises(ConnectionFailed):
+                await c.ping()
+            assert server.connections == 2
+            with pytest.raises(ConnectionFailed):
+                await c.rotate("k")
+            assert server.connections == 3
+
+
+async def test_pipeline_resends_only_repeatable_requests(short_tmp: Path) -> None:
+    path = str(short_tmp / "s.sock")
+    with ScriptedServer(path, hang_up_first_then(lambda line: b"OK PONG\n")) as server:
+        async with AsyncClient(path) as c:
+            assert await c.pipeline([Ping()] * 500) == [None] * 500
+            assert server.connections == 2
+    with ScriptedServer(path + "2", hang_up_first_then(lambda line: b"OK 2\n")) as server:
+        async with AsyncClient(path + "2") as c:
+            with pytest.raises(ConnectionFailed):
+                await c.pipeline([Ping(), Rotate("k")])
+            assert server.connections == 1
+
+
+async def test_protocol_violations(short_tmp: Path) -> None:
+    path = str(short_tmp / "s.sock")
+    replies = {b"PING": b"HELLO WORLD\n", b"HELP": b"OK A\nOK B\n", b"INFO k": b"OK [1]\n"}
+    with ScriptedServer(path, reply_with(lambda line: replies[line])):
+        async with AsyncClient(path) as c:
+            for call in (c.ping, c.help, lambda: c.info("k")):
+                with pytest.raises(ProtocolViolation):
+                    await call()
+                assert not c.connected
+
+
+async def test_unknown_error_code(short_tmp: Path) -> None:
+    path = str(short_tmp / "s.sock")
+    with ScriptedServer(path, reply_with(lambda line: b"ERR FUTURE_CODE later\n")):
+        async with AsyncClient(path) as c:
+            with pytest.raises(KmsError) as error:
+                await c.ping()
+            assert error.value.code == "FUTURE_CODE"
+            assert [r.code for r in await c.pipeline([Ping()] * 2)] == ["FUTURE_CODE"] * 2
+
+
+async def test_pipeline_with_huge_replies_does_not_deadlock(short_tmp: Path) -> None:
+    path = str(short_tmp / "s.sock")
+    # A client that sent everything before reading would deadlock here: 64 requests and
+    # 64 replies of ~340 KiB each, far beyond the socket buffers in both directions.
+    payload = b"OK " + b"QUJD" * (85 << 10) + b"\n"
+    big = b"\0" * (256 << 10)
+    with ScriptedServer(path, reply_with(lambda line: payload)):
+        async with AsyncClient(path, timeout=5) as c:
+            results = await c.pipeline([Encrypt("k", big) for _ in range(64)])
+    assert len(results) == 64
+    assert all(r == b"ABC" * (85 << 10) for r in results)
