@@ -168,6 +168,19 @@ class Server:
                 self._waiting_for_input.discard(scope)
         return None
 
+    async def _send(self, stream: trio.SocketStream, data: bytes) -> bool:
+        """Send replies; False when the client has not read them within the idle timeout.
+
+        A client that pipelines without reading fills the socket buffer and
+        blocks this send, which also stops us reading from it: its unsent
+        replies never exceed one batch. The timeout then frees its slot.
+        """
+        with trio.move_on_after(self._limits.idle_timeout):
+            await stream.send_all(data)
+            return True
+        log.info("closing a connection that stopped reading its replies")
+        return False
+
     async def _converse(self, stream: trio.SocketStream) -> None:
         dispatcher = self._dispatcher
         framer = LineFramer(self._limits.max_line)
@@ -203,8 +216,8 @@ class Server:
             except TooLong as error:
                 replies.append(format_error(error))
                 closing = True
-            if replies:
-                await stream.send_all(b"".join(replies))
+            if replies and not await self._send(stream, b"".join(replies)):
+                return
             if closing:
                 return
 
