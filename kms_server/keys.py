@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kms_client.errors import BadCiphertext
+from kms_client.errors import BadCiphertext, InternalError
 from kms_server.crypto import (
     KEY_SIZE,
     SEAL_OVERHEAD,
@@ -57,7 +57,7 @@ class KeyVersion:
     created: str
     exportable: bool
     material: bytearray = field(repr=False)
-    _cipher: XAES256GCM = field(init=False, repr=False)
+    _cipher: XAES256GCM | None = field(init=False, repr=False)
     _aad_head: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,18 +72,25 @@ class KeyVersion:
             + self.version.to_bytes(4, "big")
         )
 
+    def _live_cipher(self) -> XAES256GCM:
+        if self._cipher is None:
+            raise InternalError("key version was wiped")
+        return self._cipher
+
     def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:
         header = self._aad_head[-_HEADER_SIZE:]
-        return header + self._cipher.seal(plaintext, self._aad_head + aad)
+        return header + self._live_cipher().seal(plaintext, self._aad_head + aad)
 
     def decrypt(self, ciphertext: bytes, aad: bytes) -> bytes:
         """Open a ciphertext made by :meth:`encrypt` under this very version."""
         if ciphertext[:_HEADER_SIZE] != self._aad_head[-_HEADER_SIZE:]:
             raise BadCiphertext()
         try:
-            return self._cipher.open(ciphertext[_HEADER_SIZE:], self._aad_head + aad)
+            return self._live_cipher().open(ciphertext[_HEADER_SIZE:], self._aad_head + aad)
         except AuthenticationFailed:
             raise BadCiphertext() from None
 
     def wipe(self) -> None:
+        """Overwrite the material and drop the derived cipher: a wiped version is unusable."""
         wipe(self.material)
+        self._cipher = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -25,11 +26,21 @@ import stat
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from time import perf_counter_ns
 
 import trio
 
-from kms_client.errors import KmsError, TooLong, Unavailable
-from kms_client.protocol import DEFAULT_MAX_LINE, LineFramer, Quit, format_error, parse_request
+from kms_client.errors import Denied, KmsError, TooLong, Unavailable
+from kms_client.protocol import (
+    DEFAULT_MAX_LINE,
+    VERBS,
+    LineFramer,
+    Quit,
+    format_error,
+    parse_request,
+)
+from kms_server.acl import Acl, AclError, Grants, Peer
+from kms_server.audit import AuditError, AuditLog
 from kms_server.dispatch import WRITE_REQUESTS, Dispatcher
 
 log = logging.getLogger("kmsd.server")
@@ -38,6 +49,7 @@ RECEIVE_SIZE = 64 * 1024
 #: How long a connection idle at shutdown may still deliver a request already sent.
 LAST_CALL = 0.2
 _TOO_MANY = format_error(Unavailable("too many connections"))
+_DENIED = format_error(Denied())
 
 
 class ServerError(Exception):
@@ -98,12 +110,22 @@ def bind_unix_socket(path: Path, mode: int) -> socket.socket:
 class Server:
     """Owns the accept loop and the connection tasks of one listening socket."""
 
-    def __init__(self, dispatcher: Dispatcher, listener: socket.socket, limits: Limits) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        listener: socket.socket,
+        limits: Limits,
+        access: AccessControl,
+        audit: AuditLog,
+    ) -> None:
         self._dispatcher = dispatcher
         self._listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
         self._limits = limits
+        self._access = access
+        self._audit = audit
         self._write_lock = trio.Lock()
         self._connections = 0
+        self._connection_ids = itertools.count(1)
         self._stopping = False
         self._stop_requested = trio.Event()
         self._waiting_for_input: set[trio.CancelScope] = set()
@@ -112,6 +134,14 @@ class Server:
         """Begin a graceful stop (idempotent)."""
         self._stopping = True
         self._stop_requested.set()
+
+    async def reload(self) -> None:
+        """SIGHUP: reload the ACL (kept as it was if the new one is bad), reopen the audit log."""
+        await self._access.reload()
+        try:
+            self._audit.reopen()
+        except AuditError as error:
+            log.error("%s; still writing to the previous audit log", error)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as connections:
@@ -141,7 +171,8 @@ class Server:
             return
         self._connections += 1
         try:
-            await self._converse(stream)
+            peer = Peer.of(stream.socket)  # type: ignore[arg-type]
+            await self._converse(stream, peer, next(self._connection_ids))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away mid-conversation: normal
         finally:
@@ -181,61 +212,133 @@ class Server:
         log.info("closing a connection that stopped reading its replies")
         return False
 
-    async def _converse(self, stream: trio.SocketStream) -> None:
+    async def _converse(  # noqa: PLR0912, PLR0915 - the per-request loop is inlined on purpose
+        self, stream: trio.SocketStream, peer: Peer, connection_id: int
+    ) -> None:
         dispatcher = self._dispatcher
+        access = self._access
+        audit = self._audit
+        audit_prefix = audit.connection_prefix(connection_id, peer)
+        grants = access.grants_for(peer)
+        acl_generation = access.generation
         framer = LineFramer(self._limits.max_line)
         line_began = trio.current_time()
         while True:
             if not framer.has_partial_line:
-                if self._stopping:
-                    return
                 line_began = trio.current_time()
             data = await self._receive(stream, framer, line_began)
             if not data:
                 return
             framer.feed(data)
+            if acl_generation != access.generation:
+                grants = access.grants_for(peer)
+                acl_generation = access.generation
             replies: list[bytes] = []
+            trail: list[str] = []
             closing = False
             try:
                 for line in framer.lines():
+                    began = perf_counter_ns()
+                    version: int | None = None
+                    key_id: str | None = None
                     try:
                         request = parse_request(line)
                     except KmsError as error:
-                        replies.append(format_error(error))
-                        continue
-                    if isinstance(request, WRITE_REQUESTS):
-                        async with self._write_lock:
-                            replies.append(
-                                await dispatcher.respond_write(request, trio.to_thread.run_sync)
-                            )
-                        continue
-                    replies.append(dispatcher.respond(request))
-                    if type(request) is Quit:
-                        closing = True
+                        reply = format_error(error)
+                        verb = verb_of(line)
+                    else:
+                        verb = request.verb
+                        key_id = getattr(request, "key_id", None)
+                        if not grants.permits(request):
+                            reply = _DENIED
+                        elif isinstance(request, WRITE_REQUESTS):
+                            async with self._write_lock:
+                                reply, version = await dispatcher.respond_write(
+                                    request, trio.to_thread.run_sync
+                                )
+                        else:
+                            reply, version = dispatcher.respond(request)
+                            closing = type(request) is Quit
+                    replies.append(reply)
+                    trail.append(
+                        audit.line(
+                            audit_prefix,
+                            verb,
+                            key_id,
+                            version,
+                            result_of(reply),
+                            len(line) + 1,
+                            len(reply),
+                            (perf_counter_ns() - began) // 1000,
+                        )
+                    )
+                    if closing:
                         break
             except TooLong as error:
                 replies.append(format_error(error))
+                trail.append(
+                    audit.line(audit_prefix, "-", None, None, error.code, 0, len(replies[-1]), 0)
+                )
                 closing = True
+            audit.write(trail)
             if replies and not await self._send(stream, b"".join(replies)):
                 return
             if closing:
                 return
 
 
+def verb_of(line: bytes) -> str:
+    """The verb of a request that failed to parse, for the audit: a known verb or ``-``."""
+    verb = line.split(b" ", 1)[0].upper().decode("ascii", "replace")
+    return verb if verb in VERBS else "-"
+
+
+def result_of(reply: bytes) -> str:
+    """``OK`` or the error code of a response line."""
+    if reply.startswith(b"OK"):
+        return "OK"
+    return reply[4 : reply.index(b" ", 4)].decode("ascii")
+
+
+class AccessControl:
+    """The ACL in force, reloadable: connections re-derive their grants after a reload."""
+
+    def __init__(self, acl: Acl, path: Path | None) -> None:
+        self.acl = acl
+        self.path = path
+        self.generation = 0
+
+    def grants_for(self, peer: Peer) -> Grants:
+        return self.acl.grants_for(peer)
+
+    async def reload(self) -> None:
+        if self.path is None:
+            return
+        try:
+            acl = await trio.to_thread.run_sync(Acl.load, self.path)
+        except AclError as error:
+            log.error("ACL reload rejected, the previous ACL stays in force: %s", error)
+            return
+        self.acl = acl
+        self.generation += 1
+        log.info("ACL reloaded from %s: %d rules", self.path, len(acl.rules))
+
+
 async def run(
-    dispatcher: Dispatcher,
-    listener: socket.socket,
-    limits: Limits,
+    server: Server,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully."""
-    server = Server(dispatcher, listener, limits)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             task_status.started()
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP received: reloading")
+                    await server.reload()
+                    continue
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 server.stop()
                 break

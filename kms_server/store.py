@@ -29,6 +29,7 @@ directory is fsync'ed. A crash leaves the old state or the new one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import fcntl
 import json
@@ -108,12 +109,34 @@ def make_private_dirs(path: Path, stop_at: Path) -> None:
         fsync_directory(directory.parent)
 
 
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def temporary_path(path: Path) -> Path:
+    """A temporary name beside ``path`` carrying our pid, so leftovers can be told apart."""
+    return path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-{path.name}-{uuid.uuid4().hex}"
+
+
+def remove_stale_temporaries(directory: Path, names: list[str]) -> None:
+    """Unlink temporary files left by a writer that died (another pid) in ``directory``.
+
+    The store is locked by one daemon, so a temporary file of another pid can
+    only be the remains of a crash; ours may belong to a write in progress.
+    """
+    ours = f"{TEMPORARY_PREFIX}{os.getpid()}-"
+    for name in names:
+        if name.startswith(TEMPORARY_PREFIX) and not name.startswith(ours):
+            with contextlib.suppress(FileNotFoundError):
+                (directory / name).unlink()
+                log.info("removed %s, left by an interrupted write", directory / name)
+
+
 def write_new_file(path: Path, data: bytes) -> None:
     """Write ``data`` to the new file ``path`` atomically and durably; never overwrite.
 
     Raises :class:`FileExistsError` when ``path`` already exists.
     """
-    temporary = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
+    temporary = temporary_path(path)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         try:
@@ -131,7 +154,7 @@ def write_new_file(path: Path, data: bytes) -> None:
 
 def replace_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably, replacing any old content."""
-    temporary = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
+    temporary = temporary_path(path)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
@@ -224,7 +247,7 @@ def init_store(
             raise StoreError(f"{store_dir} is not empty; refusing to initialise over it")
         os.chmod(store_dir, 0o700)
     else:
-        make_private_dirs(store_dir, store_dir.parent)
+        make_private_dirs(store_dir, Path(store_dir.anchor or "."))
     store_id = str(uuid.uuid4())
     metadata = StoreMetadata(
         store_id=store_id,
@@ -346,6 +369,7 @@ class KeyStore:
             names = os.listdir(directory)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        remove_stale_temporaries(directory, names)
         versions = sorted(
             int(match.group(1)) for name in names if (match := _KEY_FILE_RE.fullmatch(name))
         )
@@ -407,8 +431,7 @@ class KeyStore:
             if not isinstance(created, str) or not isinstance(exportable, bool):
                 raise TypeError("bad header")
         except (ValueError, KeyError, TypeError, AuthenticationFailed):
-            # No traceback: it would say nothing more than this line.
-            log.error("key file %s failed its integrity check: refusing to serve it", path)  # noqa: TRY400
+            log.error("key file %s failed its integrity check: refusing to serve it", path)
             raise KeyFileDamaged() from None
         return KeyVersion(key_id, version, created, exportable, material)
 

@@ -1,0 +1,595 @@
+# The sealed key store (kms_server/store.py) and KEK sources (kek.py), in-process on real files.
+# No daemon here: tests/test_daemon.py covers the same guarantees through the socket.
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shlex
+import shutil
+import stat
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kms_client.errors import KeyExists, KeyNotFound
+from kms_server.crypto import KEY_SIZE, random_bytes
+from kms_server.kek import (
+    ARGON2_MEMORY_KIB,
+    KekError,
+    KekFile,
+    PassphraseCommand,
+    obtain_for_store,
+)
+from kms_server.store import (
+    KEYS_DIR,
+    METADATA_NAME,
+    STORE_FORMAT,
+    KeyFileDamaged,
+    KeyStore,
+    StoreError,
+    init_store,
+    kek_check_value,
+    read_metadata,
+)
+
+NOW = "2026-01-01T00:00:00Z"
+
+
+def clock() -> str:
+    return NOW
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def new_store(directory: Path, kek: bytes | None = None) -> bytes:
+    """Initialise a store under a file-kind KEK; returns the KEK."""
+    kek = kek if kek is not None else random_bytes(KEY_SIZE)
+    init_store(directory, kek, {"kind": "file"}, NOW)
+    return kek
+
+
+@pytest.fixture
+def kek() -> bytes:
+    return random_bytes(KEY_SIZE)
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path, kek: bytes) -> Path:
+    directory = tmp_path / "store"
+    new_store(directory, kek)
+    return directory
+
+
+@pytest.fixture
+def store(store_dir: Path, kek: bytes) -> Iterator[KeyStore]:
+    opened = KeyStore(store_dir, kek, clock=clock)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def write_key(store: KeyStore, key_id: str, version: int = 1, exportable: bool = False) -> bytes:
+    """Write and publish a version; returns a copy of its material."""
+    opened = store.write_version(key_id, version, exportable)
+    store.add(opened)
+    return bytes(opened.material)
+
+
+def key_file(store_dir: Path, key_id: str, version: int) -> Path:
+    return store_dir.joinpath(KEYS_DIR, *key_id.split("/"), f"_v{version}.key")
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if path.name.startswith(".tmp")]
+
+
+# --------------------------------------------------------------------------- init and open
+
+
+def test_init_creates_private_layout_and_metadata(store_dir: Path, kek: bytes) -> None:
+    assert mode_of(store_dir) == 0o700
+    assert mode_of(store_dir / KEYS_DIR) == 0o700
+    assert mode_of(store_dir / METADATA_NAME) == 0o600
+    document = json.loads((store_dir / METADATA_NAME).read_text())
+    assert document["format"] == STORE_FORMAT
+    uuid.UUID(document["store_id"])
+    assert document["kek"] == {"kind": "file"}
+    assert document["kek_check"] == kek_check_value(kek, document["store_id"])
+    assert document["created"] == NOW
+    assert kek.hex() not in (store_dir / METADATA_NAME).read_text()
+    assert sorted(path.name for path in store_dir.iterdir()) == sorted([KEYS_DIR, METADATA_NAME])
+
+
+def test_init_into_existing_empty_dir_tightens_its_mode(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    directory.mkdir(mode=0o755)
+    new_store(directory)
+    assert mode_of(directory) == 0o700
+
+
+def test_store_ids_differ_between_stores(tmp_path: Path, kek: bytes) -> None:
+    new_store(tmp_path / "a", kek)
+    new_store(tmp_path / "b", kek)
+    first, second = read_metadata(tmp_path / "a"), read_metadata(tmp_path / "b")
+    assert first.store_id != second.store_id
+    assert first.kek_check != second.kek_check
+
+
+def test_passphrase_store_records_argon2id_parameters(tmp_path: Path) -> None:
+    source = PassphraseCommand(shlex.join([sys.executable, "-c", "print('correct horse')"]))
+    description = source.describe_new()
+    kek = source.obtain(description)
+    init_store(tmp_path / "store", kek, description, NOW)
+    recorded = read_metadata(tmp_path / "store").kek
+    assert recorded["kind"] == "passphrase"
+    assert recorded["kdf"] == "argon2id"
+    assert (recorded["iterations"], recorded["lanes"], recorded["memory_kib"]) == (3, 4, 65536)
+    assert len(base64.b64decode(recorded["salt"], validate=True)) == 16
+    assert source.describe_new()["salt"] != recorded["salt"]
+    KeyStore(tmp_path / "store", obtain_for_store(source, recorded), clock=clock).close()
+
+
+def test_init_refuses_non_empty_dir(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    directory.mkdir()
+    (directory / "precious").write_bytes(b"do not touch")
+    with pytest.raises(StoreError):
+        new_store(directory)
+    assert sorted(os.listdir(directory)) == ["precious"]
+    assert (directory / "precious").read_bytes() == b"do not touch"
+
+
+def test_init_refuses_an_existing_store_and_a_file(store_dir: Path, tmp_path: Path) -> None:
+    before = (store_dir / METADATA_NAME).read_bytes()
+    with pytest.raises(StoreError):
+        new_store(store_dir)
+    assert (store_dir / METADATA_NAME).read_bytes() == before
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(StoreError):
+        new_store(tmp_path / "file")
+
+
+def test_open_refuses_wrong_kek(store_dir: Path, kek: bytes) -> None:
+    for wrong in (random_bytes(KEY_SIZE), bytes(KEY_SIZE), kek[:-1] + bytes([kek[-1] ^ 1])):
+        with pytest.raises(StoreError):
+            KeyStore(store_dir, wrong, clock=clock)
+    KeyStore(store_dir, kek, clock=clock).close()
+
+
+def test_open_refuses_missing_or_damaged_metadata(tmp_path: Path, kek: bytes) -> None:
+    with pytest.raises(StoreError):
+        KeyStore(tmp_path / "nothing", kek, clock=clock)
+    directory = tmp_path / "store"
+    new_store(directory, kek)
+    metadata = directory / METADATA_NAME
+    good = metadata.read_bytes()
+    for damaged in (
+        b"",
+        b"{",
+        b"[]",
+        good.replace(b"kms-store/1", b"kms-store/9"),
+        json.dumps({"format": STORE_FORMAT}).encode(),
+    ):
+        metadata.write_bytes(damaged)
+        with pytest.raises(StoreError):
+            KeyStore(directory, kek, clock=clock)
+
+
+def test_open_refuses_a_store_others_can_enter(store_dir: Path, kek: bytes) -> None:
+    store_dir.chmod(0o750)
+    with pytest.raises(StoreError):
+        KeyStore(store_dir, kek, clock=clock)
+
+
+def test_second_open_is_refused_while_the_first_holds_the_lock(store_dir: Path, kek: bytes) -> None:
+    first = KeyStore(store_dir, kek, clock=clock)
+    try:
+        with pytest.raises(StoreError):
+            KeyStore(store_dir, kek, clock=clock)
+    finally:
+        first.close()
+    KeyStore(store_dir, kek, clock=clock).close()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def test_versions_are_private_files_named_by_key_id(store: KeyStore, store_dir: Path) -> None:
+    write_key(store, "pg/cluster1/wal", 1)
+    write_key(store, "pg/cluster1/wal", 2)
+    write_key(store, "solo", 1)
+    for version in (1, 2):
+        path = key_file(store_dir, "pg/cluster1/wal", version)
+        assert path.is_file()
+        assert mode_of(path) == 0o600
+    assert mode_of(key_file(store_dir, "solo", 1)) == 0o600
+    for directory in ("keys/pg", "keys/pg/cluster1", "keys/pg/cluster1/wal", "keys/solo"):
+        assert mode_of(store_dir / directory) == 0o700
+    assert temp_files(store_dir) == []
+
+
+def test_write_version_never_overwrites(store: KeyStore, store_dir: Path) -> None:
+    material = write_key(store, "app", 1)
+    before = key_file(store_dir, "app", 1).read_bytes()
+    with pytest.raises(KeyExists):
+        store.write_version("app", 1, exportable=True)
+    assert key_file(store_dir, "app", 1).read_bytes() == before
+    assert bytes(store.version("app", 1).material) == material
+    assert temp_files(store_dir) == []
+
+
+def test_writes_survive_reopening(store_dir: Path, kek: bytes) -> None:
+    first = KeyStore(store_dir, kek, clock=clock)
+    materials = {
+        version: write_key(first, "app/db", version, exportable=True) for version in (1, 2, 3)
+    }
+    first.close()
+    second = KeyStore(store_dir, kek, clock=clock)
+    try:
+        assert second.record("app/db").versions == [1, 2, 3]
+        assert second.version("app/db").version == 3
+        for version, material in materials.items():
+            opened = second.version("app/db", version)
+            assert bytes(opened.material) == material
+            assert opened.exportable is True
+            assert opened.created == NOW
+        with pytest.raises(KeyNotFound):
+            second.version("app/db", 4)
+        with pytest.raises(KeyNotFound):
+            second.version("app/dc")
+    finally:
+        second.close()
+
+
+def test_close_wipes_cached_material(store_dir: Path, kek: bytes) -> None:
+    opened = KeyStore(store_dir, kek, clock=clock)
+    write_key(opened, "a")
+    version = opened.version("a")
+    opened.close()
+    assert version.material == bytearray(KEY_SIZE)
+
+
+# --------------------------------------------------------------------------- refusing damaged files
+
+
+@pytest.mark.parametrize(
+    ("target_key", "target_version"),
+    [
+        pytest.param("b", 1, id="other-key-id"),
+        pytest.param("a/b", 1, id="nested-key-id"),
+        pytest.param("a", 2, id="other-version"),
+    ],
+)
+def test_copied_key_file_is_refused(
+    store_dir: Path, kek: bytes, target_key: str, target_version: int
+) -> None:
+    first = KeyStore(store_dir, kek, clock=clock)
+    material = write_key(first, "a", 1, exportable=True)
+    first.close()
+    target = key_file(store_dir, target_key, target_version)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.copyfile(key_file(store_dir, "a", 1), target)
+    reopened = KeyStore(store_dir, kek, clock=clock)
+    try:
+        with pytest.raises(KeyFileDamaged) as caught:
+            reopened.version(target_key, target_version)
+        assert caught.value.code == "INTERNAL"
+        assert material.hex() not in str(caught.value)
+        # The original still opens.
+        assert bytes(reopened.version("a", 1).material) == material
+    finally:
+        reopened.close()
+
+
+def edit_header(data: bytes, old: bytes, new: bytes, fix_length: bool) -> bytes:
+    head_length = int.from_bytes(data[5:7], "big")
+    header = data[7 : 7 + head_length]
+    assert old in header
+    edited = header.replace(old, new)
+    length = len(edited) if fix_length else head_length
+    return data[:5] + length.to_bytes(2, "big") + edited + data[7 + head_length :]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fix_length"),
+    [
+        pytest.param(b"false", b"true ", False, id="exportable-same-length"),
+        pytest.param(b"false", b"true", True, id="exportable-relengthed"),
+        pytest.param(b"2026", b"2025", False, id="created"),
+    ],
+)
+def test_edited_header_is_refused(
+    store: KeyStore, store_dir: Path, old: bytes, new: bytes, fix_length: bool
+) -> None:
+    store.write_version("locked", 1, exportable=False)  # not published: opened from disk
+    path = key_file(store_dir, "locked", 1)
+    path.write_bytes(edit_header(path.read_bytes(), old, new, fix_length))
+    with pytest.raises(KeyFileDamaged):
+        store.version("locked")
+    with pytest.raises(KeyFileDamaged):
+        store.version("locked")  # refused again: a failed file is never cached
+
+
+def test_every_damaged_byte_and_truncation_is_refused(store: KeyStore, store_dir: Path) -> None:
+    store.write_version("k", 1, exportable=True)
+    path = key_file(store_dir, "k", 1)
+    good = path.read_bytes()
+    for index in range(len(good)):
+        for mask in (0x01, 0x80):
+            damaged = bytearray(good)
+            damaged[index] ^= mask
+            path.write_bytes(bytes(damaged))
+            with pytest.raises(KeyFileDamaged):
+                store.version("k")
+    for length in range(len(good)):
+        path.write_bytes(good[:length])
+        with pytest.raises(KeyFileDamaged):
+            store.version("k")
+    path.write_bytes(good)
+    assert store.version("k").exportable is True
+
+
+def test_key_file_from_another_store_with_the_same_kek_is_refused(
+    tmp_path: Path, kek: bytes
+) -> None:
+    new_store(tmp_path / "one", kek)
+    new_store(tmp_path / "two", kek)
+    one = KeyStore(tmp_path / "one", kek, clock=clock)
+    write_key(one, "shared", 1, exportable=True)
+    one.close()
+    target = key_file(tmp_path / "two", "shared", 1)
+    target.parent.mkdir(mode=0o700)
+    shutil.copyfile(key_file(tmp_path / "one", "shared", 1), target)
+    two = KeyStore(tmp_path / "two", kek, clock=clock)
+    try:
+        with pytest.raises(KeyFileDamaged):
+            two.version("shared")
+    finally:
+        two.close()
+
+
+def test_unrelated_names_in_a_key_directory_are_ignored(store_dir: Path, kek: bytes) -> None:
+    first = KeyStore(store_dir, kek, clock=clock)
+    write_key(first, "k", 1)
+    first.close()
+    directory = key_file(store_dir, "k", 1).parent
+    for name in (".tmp-_v2.key-0123", "_v0.key", "_v01.key", "_v2.key.bak", "v3.key", "_v4"):
+        (directory / name).write_bytes(b"junk")
+    reopened = KeyStore(store_dir, kek, clock=clock)
+    try:
+        assert reopened.record("k").versions == [1]
+        assert reopened.version("k").version == 1
+    finally:
+        reopened.close()
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def test_lru_eviction_wipes_material_and_reloads(store_dir: Path, kek: bytes) -> None:
+    small = KeyStore(store_dir, kek, clock=clock, cache_keys=2)
+    try:
+        materials = {key_id: write_key(small, key_id) for key_id in ("a", "b")}
+        first = small.version("a")
+        assert bytes(first.material) == materials["a"]
+        small.version("b")  # "a" is now the least recently used
+        materials["c"] = write_key(small, "c")  # evicts "a"
+        assert first.material == bytearray(KEY_SIZE)
+        assert bytes(small.version("b").material) == materials["b"]
+        again = small.version("a")  # reloaded from disk; evicts "c"
+        assert again is not first
+        assert bytes(again.material) == materials["a"]
+        assert again.decrypt(again.encrypt(b"x", b""), b"") == b"x"
+        assert bytes(small.version("c").material) == materials["c"]
+    finally:
+        small.close()
+
+
+@pytest.fixture
+def fast_tmp() -> Iterator[Path]:
+    """A temp dir on tmpfs when there is one: creating 100,000 files on ext4 takes 10-30 s."""
+    shm = Path("/dev/shm")
+    parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix="kms-big-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_large_store_opens_and_serves_fast(fast_tmp: Path) -> None:
+    """100,000 key versions (1,000 keys x 100), sealed by the store's own code path."""
+    kek = random_bytes(KEY_SIZE)
+    directory = fast_tmp / "big"
+    new_store(directory, kek)
+    builder = KeyStore(directory, kek, clock=clock)
+    keys = 1000
+    versions = 100
+    for key in range(keys):
+        key_dir = directory / KEYS_DIR / "tenant" / f"k{key}"
+        key_dir.mkdir(mode=0o700, parents=True)
+        for version in range(1, versions + 1):
+            sealed = builder._seal_file(  # the store's sealing path, minus fsync
+                f"tenant/k{key}", version, NOW, False, bytearray(random_bytes(KEY_SIZE))
+            )
+            fd = os.open(key_dir / f"_v{version}.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, sealed)
+            finally:
+                os.close(fd)
+    builder.close()
+
+    started = time.monotonic()
+    opened = KeyStore(directory, kek, clock=clock)
+    try:
+        assert time.monotonic() - started < 2.0
+        started = time.monotonic()
+        for key in (0, 499, 999):
+            latest = opened.version(f"tenant/k{key}")
+            assert latest.version == versions
+            assert opened.version(f"tenant/k{key}", 1).version == 1
+        assert time.monotonic() - started < 1.0
+    finally:
+        opened.close()
+
+
+# --------------------------------------------------------------------------- KEK sources
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(bytes(range(32)), id="raw"),
+        pytest.param(bytes(range(32)).hex().encode(), id="hex"),
+        pytest.param(bytes(range(32)).hex().encode() + b"\n", id="hex-newline"),
+        pytest.param(bytes(range(32)).hex().upper().encode() + b"\r\n", id="hex-upper-crlf"),
+    ],
+)
+def test_kek_file_accepts(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "kek"
+    path.write_bytes(content)
+    source = KekFile(path)
+    assert source.describe_new() == {"kind": "file"}
+    assert bytes(source.obtain({"kind": "file"})) == bytes(range(32))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(bytes(31), id="31-raw"),
+        pytest.param(bytes(33), id="33-raw"),
+        pytest.param(bytes(range(32)) + b"\n", id="raw-newline"),
+        pytest.param(b"ab" * 31 + b"a", id="63-hex"),
+        pytest.param(b"ab" * 32 + b"a", id="65-hex"),
+        pytest.param(b"zz" * 32, id="64-non-hex"),
+        pytest.param(b"ab" * 16 + b" " + b"ab" * 16, id="hex-inner-space"),
+        pytest.param(b"ab" * 64, id="128-hex"),
+    ],
+)
+def test_kek_file_refuses(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "kek"
+    path.write_bytes(content)
+    with pytest.raises(KekError):
+        KekFile(path).obtain({"kind": "file"})
+
+
+def test_kek_file_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(KekError):
+        KekFile(tmp_path / "missing").obtain({"kind": "file"})
+    with pytest.raises(KekError):
+        KekFile(tmp_path).obtain({"kind": "file"})  # a directory
+
+
+def python_command(code: str) -> str:
+    return shlex.join([sys.executable, "-c", code])
+
+
+def small_kdf(source: PassphraseCommand) -> dict[str, object]:
+    """The recorded description with a cheap memory cost, for tests of the command path."""
+    return source.describe_new() | {"memory_kib": 64}
+
+
+def test_passphrase_command_derives_a_stable_kek() -> None:
+    source = PassphraseCommand(python_command("print('correct horse')"))
+    description = source.describe_new()
+    assert description["memory_kib"] == ARGON2_MEMORY_KIB
+    kek = source.obtain(description)
+    assert len(kek) == KEY_SIZE
+    assert source.obtain(description) == kek
+    cheap = small_kdf(source)
+    cheap_kek = source.obtain(cheap)
+    # Only the first line counts; a CR before its LF is dropped.
+    same = PassphraseCommand(python_command("import sys; sys.stdout.write('correct horse\\r\\nx')"))
+    assert same.obtain(cheap) == cheap_kek
+    other = PassphraseCommand(python_command("print('correct horsf')"))
+    assert other.obtain(cheap) != cheap_kek
+    assert source.obtain(small_kdf(source)) != cheap_kek  # another salt
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(python_command("import sys; print('secret'); sys.exit(3)"), id="exit-3"),
+        pytest.param(python_command("pass"), id="no-output"),
+        pytest.param(python_command("print()"), id="empty-line"),
+        pytest.param("/nonexistent/kms-passphrase-helper", id="missing-executable"),
+        pytest.param("", id="empty-command"),
+        pytest.param("'unbalanced", id="unparsable"),
+    ],
+)
+def test_passphrase_command_failures(command: str) -> None:
+    source = PassphraseCommand(command, timeout=5.0)
+    started = time.monotonic()
+    with pytest.raises(KekError) as caught:
+        source.obtain(small_kdf(source))
+    assert time.monotonic() - started < 3.0
+    assert "secret" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_passphrase_command_not_executable(tmp_path: Path) -> None:
+    script = tmp_path / "helper"
+    script.write_text("#!/bin/sh\necho secret\n")
+    script.chmod(0o600)
+    with pytest.raises(KekError):
+        PassphraseCommand(str(script)).obtain(small_kdf(PassphraseCommand(str(script))))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param("sleep 30", id="sleep"),
+        pytest.param(
+            python_command(
+                "import subprocess, time; subprocess.Popen(['sleep', '30']); time.sleep(30)"
+            ),
+            id="grandchild-holds-pipe",
+        ),
+    ],
+)
+def test_hanging_passphrase_command_times_out(command: str) -> None:
+    source = PassphraseCommand(command, timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(KekError):
+        source.obtain(small_kdf(source))
+    assert time.monotonic() - started < 4.0
+
+
+def test_passphrase_obtain_refuses_damaged_kdf_parameters() -> None:
+    source = PassphraseCommand(python_command("print('x')"))
+    good = small_kdf(source)
+    for damaged in (
+        {k: v for k, v in good.items() if k != "salt"},
+        good | {"salt": "not base64!"},
+        good | {"kdf": "scrypt"},
+        good | {"iterations": 0},
+        good | {"lanes": 0},
+        good | {"memory_kib": 1 << 30},
+        good | {"iterations": "three"},
+    ):
+        with pytest.raises(KekError):
+            source.obtain(damaged)
+
+
+def test_obtain_for_store_refuses_another_source_kind(tmp_path: Path) -> None:
+    path = tmp_path / "kek"
+    path.write_bytes(random_bytes(KEY_SIZE))
+    passphrase = PassphraseCommand(python_command("print('x')"))
+    with pytest.raises(KekError):
+        obtain_for_store(KekFile(path), passphrase.describe_new())
+    with pytest.raises(KekError):
+        obtain_for_store(passphrase, {"kind": "file"})
+    with pytest.raises(KekError):
+        obtain_for_store(KekFile(path), {})
+    assert bytes(obtain_for_store(KekFile(path), {"kind": "file"})) == path.read_bytes()
