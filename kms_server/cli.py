@@ -23,11 +23,21 @@ import click
 import trio
 
 from kms_server import __version__
+from kms_server.acl import Acl, AclError
+from kms_server.audit import AuditError, AuditLog
 from kms_server.config import ConfigError, Settings, load
 from kms_server.crypto import KEY_SIZE, random_bytes, wipe
 from kms_server.dispatch import Dispatcher
+from kms_server.hardening import harden_process
 from kms_server.kek import KekError, KekFile, obtain_for_store
-from kms_server.server import ServerError, bind_unix_socket, remove_socket, run
+from kms_server.server import (
+    AccessControl,
+    Server,
+    ServerError,
+    bind_unix_socket,
+    remove_socket,
+    run,
+)
 from kms_server.store import KeyStore, StoreError, init_store, read_metadata, write_new_file
 
 log = logging.getLogger("kmsd")
@@ -48,6 +58,8 @@ _EXIT_FOR = {
     StoreError: EXIT_STORE,
     KekError: EXIT_KEK,
     ServerError: EXIT_SOCKET,
+    AclError: EXIT_CONFIG,
+    AuditError: EXIT_CONFIG,
 }
 
 
@@ -182,38 +194,74 @@ def open_store(settings: Settings) -> KeyStore:
         wipe(kek)
 
 
+def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The settings of ``serve``, shared with ``check-config``."""
+    options = [
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="TOML file with the same settings; flags win.",
+        ),
+        store_option(required=False),
+        click.option(
+            "--socket",
+            "socket_path",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Unix socket path (default /run/kms/kms.sock).",
+        ),
+        click.option("--socket-mode", default=None, help="Socket permissions, octal (0600)."),
+        kek_options,
+        click.option("--max-line", type=int, default=None, help="Longest request line (1 MiB)."),
+        click.option("--max-connections", type=int, default=None, help="Connections (1024)."),
+        click.option(
+            "--idle-timeout",
+            type=float,
+            default=None,
+            help="Seconds a connection may stay silent or take to send a line (300).",
+        ),
+        click.option(
+            "--grace-period",
+            type=float,
+            default=None,
+            help="Seconds in-flight requests get at shutdown (10).",
+        ),
+        click.option(
+            "--acl",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="ACL file (TOML). Without one, only kmsd's own uid may use it.",
+        ),
+        click.option(
+            "--audit-log",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Append the audit trail (JSON lines) here, 0600; default stderr.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+_PATH_SETTINGS = ("store", "socket_path", "kek_file", "acl", "audit_log")
+
+
+def settings_from(config_file: Path | None, options: dict[str, Any]) -> Settings:
+    """Merge the TOML file and the flags (which win) into validated settings."""
+    overrides = {
+        ("socket" if name == "socket_path" else name): (
+            str(value) if name in _PATH_SETTINGS and value is not None else value
+        )
+        for name, value in options.items()
+    }
+    return load(config_file, overrides)
+
+
 @main.command()
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="TOML file with the same settings; flags win.",
-)
-@store_option(required=False)
-@click.option(
-    "--socket",
-    "socket_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Unix socket path (default /run/kms/kms.sock).",
-)
-@click.option("--socket-mode", default=None, help="Socket permissions, octal (default 0600).")
-@kek_options
-@click.option("--max-line", type=int, default=None, help="Longest request line, bytes (1 MiB).")
-@click.option("--max-connections", type=int, default=None, help="Concurrent connections (1024).")
-@click.option(
-    "--idle-timeout",
-    type=float,
-    default=None,
-    help="Seconds a connection may stay silent or take to send a line (300).",
-)
-@click.option(
-    "--grace-period",
-    type=float,
-    default=None,
-    help="Seconds in-flight requests get at shutdown (10).",
-)
+@serve_options
 @click.option(
     "--dev",
     is_flag=True,
@@ -221,36 +269,10 @@ def open_store(settings: Settings) -> KeyStore:
     "an exportable key 'demo'. Not for production.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def serve(
-    config_file: Path | None,
-    store: Path | None,
-    socket_path: Path | None,
-    socket_mode: str | None,
-    kek_file: Path | None,
-    passphrase_command: str | None,
-    passphrase_timeout: float | None,
-    max_line: int | None,
-    max_connections: int | None,
-    idle_timeout: float | None,
-    grace_period: float | None,
-    dev: bool,
-    verbose: bool,
-) -> None:
-    """Serve protocol v1 on a Unix socket until SIGTERM or SIGINT."""
+def serve(config_file: Path | None, dev: bool, verbose: bool, **options: Any) -> None:
+    """Serve protocol v1 on a Unix socket until SIGTERM or SIGINT (SIGHUP reloads)."""
     setup_logging(verbose)
     with one_line_errors():
-        overrides: dict[str, Any] = {
-            "store": str(store) if store else None,
-            "socket": str(socket_path) if socket_path else None,
-            "socket_mode": socket_mode,
-            "kek_file": str(kek_file) if kek_file else None,
-            "passphrase_command": passphrase_command,
-            "passphrase_timeout": passphrase_timeout,
-            "max_line": max_line,
-            "max_connections": max_connections,
-            "idle_timeout": idle_timeout,
-            "grace_period": grace_period,
-        }
         if dev:
             for line in (
                 "DEVELOPMENT MODE: the KEK lies in a file beside the keys it protects.",
@@ -258,19 +280,52 @@ def serve(
             ):
                 log.warning(line)
             dev_settings = create_dev_store()
-            overrides = {
-                "store": str(dev_settings.store),
-                "socket": str(dev_settings.socket),
-                "kek_file": str(dev_settings.kek_file),
-            } | {k: v for k, v in overrides.items() if v is not None}
-        settings = load(config_file, overrides)
+            defaults = {
+                "store": dev_settings.store,
+                "socket_path": dev_settings.socket,
+                "kek_file": dev_settings.kek_file,
+            }
+            options = defaults | {k: v for k, v in options.items() if v is not None}
+        settings = settings_from(config_file, options)
+        access = load_access(settings)
+        for warning in harden_process():
+            log.warning("%s", warning)
         store_handle = open_store(settings)
         try:
             if dev:
                 ensure_demo_key(store_handle)
-            serve_store(settings, store_handle)
+            serve_store(settings, store_handle, access)
         finally:
             store_handle.close()
+
+
+@main.command("check-config")
+@serve_options
+def check_config(config_file: Path | None, **options: Any) -> None:
+    """Validate settings and the ACL without starting (and without reading the KEK)."""
+    with one_line_errors():
+        settings = settings_from(config_file, options)
+        settings.require_store()
+        settings.kek_source()
+        access = load_access(settings)
+        click.echo(f"configuration OK; ACL: {access.acl.source} ({len(access.acl.rules)} rules)")
+
+
+def load_access(settings: Settings) -> AccessControl:
+    """The ACL in force: the file's, or the daemon's own uid alone. Bad files stop here."""
+    if settings.acl is None:
+        return AccessControl(Acl.owner_only(os.getuid()), None)
+    return AccessControl(Acl.load(settings.acl), settings.acl)
+
+
+def announce_access(access: AccessControl) -> None:
+    if access.path is None:
+        log.warning(
+            "no ACL file (--acl): %s may use the daemon, nobody else",
+            access.acl.source.removeprefix("default: "),
+        )
+    else:
+        log.info("ACL %s: %d rules", access.path, len(access.acl.rules))
 
 
 def ensure_demo_key(store: KeyStore) -> None:
@@ -279,11 +334,12 @@ def ensure_demo_key(store: KeyStore) -> None:
         log.info("created exportable key %r", DEV_KEY)
 
 
-def serve_store(settings: Settings, store: KeyStore) -> None:
+def serve_store(settings: Settings, store: KeyStore, access: AccessControl) -> None:
+    audit = AuditLog(settings.audit_log)
     listener = bind_unix_socket(settings.socket, settings.socket_mode)
     bound = os.lstat(settings.socket)
     try:
-        dispatcher = Dispatcher(store, __version__)
+        server = Server(Dispatcher(store, __version__), listener, settings.limits(), access, audit)
         log.info(
             "serving store %s on %s (mode %04o), KEK source: %s",
             settings.store,
@@ -291,8 +347,10 @@ def serve_store(settings: Settings, store: KeyStore) -> None:
             settings.socket_mode,
             store.metadata.kek["kind"],
         )
-        trio.run(run, dispatcher, listener, settings.limits())
+        announce_access(access)
+        trio.run(run, server)
     finally:
         listener.close()
+        audit.close()
         remove_socket(settings.socket, bound)
     log.info("stopped")

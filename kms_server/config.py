@@ -12,6 +12,8 @@ The TOML file uses the flags' long names with ``_`` for ``-``::
     max_connections = 1024
     idle_timeout = 300
     grace_period = 10
+    acl = "/etc/kms/acl.toml"            # who may do what; without it only kmsd's own uid
+    audit_log = "/var/log/kms/audit.log" # default: stderr (journald)
 
 Unknown keys are refused, so a typo cannot silently leave a default in force.
 """
@@ -47,6 +49,8 @@ class Settings:
     max_connections: int = 1024
     idle_timeout: float = 300.0
     grace_period: float = 10.0
+    acl: Path | None = None
+    audit_log: Path | None = None
 
     def limits(self) -> Limits:
         return Limits(
@@ -88,7 +92,7 @@ def parse_mode(value: object) -> int:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    if name in {"store", "socket", "kek_file"}:
+    if name in {"store", "socket", "kek_file", "acl", "audit_log"}:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{name} must be a non-empty path")
         return Path(value)

@@ -47,6 +47,8 @@ T = TypeVar("T")
 ThreadRunner = Callable[[Callable[[], T]], Awaitable[T]]
 
 WRITE_REQUESTS = (Create, Rotate)
+#: A response line and the key version the request used (None when it used none).
+Reply = tuple[bytes, int | None]
 
 
 class Dispatcher:
@@ -55,22 +57,26 @@ class Dispatcher:
         self._hello = format_ok(PROTOCOL_NAME.encode(), server_version.encode("ascii"))
         self._help = format_ok(*(verb.encode() for verb in VERBS))
 
-    def respond(self, request: Request[Any]) -> bytes:
-        """The response line to a fast request; every failure becomes an ``ERR`` line."""
+    def respond(self, request: Request[Any]) -> Reply:
+        """The response line to a fast request and the key version it used (for the audit).
+
+        Every failure becomes an ``ERR`` line.
+        """
         try:
             return self._execute(request)
         except KmsError as error:
-            return format_error(error)
+            return format_error(error), None
         except Exception:
             log.exception("internal error while serving %s", request.verb)
-            return format_error(InternalError())
+            return format_error(InternalError()), None
 
-    def _execute(self, request: Request[Any]) -> bytes:
+    def _execute(self, request: Request[Any]) -> Reply:
         store = self._store
         # Ordered by how often a database asks.
         if type(request) is Encrypt:
-            ciphertext = store.version(request.key_id).encrypt(request.plaintext, request.aad)
-            return b"OK " + b64encode(ciphertext) + b"\n"
+            key = store.version(request.key_id)
+            ciphertext = key.encrypt(request.plaintext, request.aad)
+            return b"OK " + b64encode(ciphertext) + b"\n", key.version
         if type(request) is Decrypt:
             version = ciphertext_version(request.ciphertext)
             try:
@@ -79,26 +85,28 @@ class Dispatcher:
                 if error.code == "NOT_FOUND" and store.exists(request.key_id):
                     raise BadCiphertext() from None
                 raise
-            return b"OK " + b64encode(key.decrypt(request.ciphertext, request.aad)) + b"\n"
+            return b"OK " + b64encode(key.decrypt(request.ciphertext, request.aad)) + b"\n", version
         if type(request) is Get:
             key = store.version(request.key_id, request.version)
             if not key.exportable:
                 raise NotExportable()
-            return format_ok(str(key.version).encode(), b64encode(bytes(key.material)))
+            exported = format_ok(str(key.version).encode(), b64encode(bytes(key.material)))
+            return exported, key.version
         if type(request) is GenerateDataKey:
             key = store.version(request.key_id)
             data_key = random_bytes(request.nbytes)
-            return format_ok(b64encode(data_key), b64encode(key.encrypt(data_key, b"")))
+            wrapped = key.encrypt(data_key, b"")
+            return format_ok(b64encode(data_key), b64encode(wrapped)), key.version
         if type(request) is Ping:
-            return b"OK PONG\n"
+            return b"OK PONG\n", None
         if type(request) is Info:
-            return format_ok(self._info(request.key_id).encode())
+            return format_ok(self._info(request.key_id).encode()), None
         if type(request) is Hello:
-            return self._hello
+            return self._hello, None
         if type(request) is Help:
-            return self._help
+            return self._help, None
         if type(request) is Quit:
-            return b"OK BYE\n"
+            return b"OK BYE\n", None
         raise InternalError("request needs the write path")
 
     def _info(self, key_id: str) -> str:
@@ -114,7 +122,7 @@ class Dispatcher:
 
     async def respond_write(
         self, request: Create | Rotate, run_blocking: ThreadRunner[Any]
-    ) -> bytes:
+    ) -> Reply:
         """``CREATE``/``ROTATE``: fsync'ed work in ``run_blocking``, cache update here.
 
         The caller serialises writes (one at a time), so version numbers cannot race.
@@ -135,9 +143,9 @@ class Dispatcher:
             opened: KeyVersion = await run_blocking(write)
             store.add(opened)
             log.info("%s %s: version %d written", request.verb, key_id, opened.version)
-            return format_ok(str(opened.version).encode())
+            return format_ok(str(opened.version).encode()), opened.version
         except KmsError as error:
-            return format_error(error)
+            return format_error(error), None
         except Exception:
             log.exception("internal error while serving %s", request.verb)
-            return format_error(InternalError())
+            return format_error(InternalError()), None
