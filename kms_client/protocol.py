@@ -61,7 +61,7 @@ class LineFramer:
     LF arrives, so large pipelined batches and long lines both cost linear time.
     """
 
-    __slots__ = ("_buffer", "_max_line", "_partial", "_partial_size", "_start")
+    __slots__ = ("_buffer", "_max_line", "_partial", "_partial_size", "_start", "last_line_size")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self._buffer = b""
@@ -69,6 +69,8 @@ class LineFramer:
         self._partial: list[bytes] = []
         self._partial_size = 0
         self._max_line = max_line
+        #: Bytes the last returned line took on the wire, with its CR and LF.
+        self.last_line_size = 0
 
     def feed(self, data: bytes) -> None:
         self._set_aside_tail()
@@ -105,6 +107,7 @@ class LineFramer:
         if end - start > self._max_line:
             raise TooLong()
         self._start = newline + 1
+        self.last_line_size = newline + 1 - start
         return buffer[start:end]
 
     def lines(self) -> Iterator[bytes]:
@@ -340,15 +343,21 @@ class Quit(Request[None]):
 
 @dataclass(frozen=True, slots=True)
 class Create(Request[int]):
+    """``rotate_period`` (seconds) asks the daemon to rotate the key when its latest
+    version is older; ``None`` means never."""
+
     verb: ClassVar[str] = "CREATE"
     repeatable: ClassVar[bool] = False
     key_id: str
     exportable: bool = False
+    rotate_period: int | None = None
 
     def arguments(self) -> list[bytes]:
         args = [self.key_id.encode("ascii")]
         if self.exportable:
             args.append(b"exportable")
+        if self.rotate_period is not None:
+            args.append(b"rotate=" + format_period(self.rotate_period).encode("ascii"))
         return args
 
     def parse_reply(self, ok: Ok) -> int:
@@ -454,6 +463,120 @@ class GenerateDataKey(Request[DataKey]):
         return DataKey(_reply_b64(key), _reply_b64(wrapped))
 
 
+@dataclass(frozen=True, slots=True)
+class Rewrap(Request[bytes]):
+    """Re-encrypt a ciphertext under the key's latest version, inside the daemon."""
+
+    verb: ClassVar[str] = "REWRAP"
+    key_id: str
+    ciphertext: bytes
+    aad: bytes = field(default=b"", repr=False)
+
+    def arguments(self) -> list[bytes]:
+        args = [self.key_id.encode("ascii"), b64encode(self.ciphertext)]
+        if self.aad:
+            args.append(b64encode(self.aad))
+        return args
+
+    def parse_reply(self, ok: Ok) -> bytes:
+        return _reply_b64(_expect_fields(ok, 1)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class _VersionCommand(Request[None]):
+    key_id: str
+    version: int
+
+    def arguments(self) -> list[bytes]:
+        return [self.key_id.encode("ascii"), str(self.version).encode("ascii")]
+
+    def parse_reply(self, ok: Ok) -> None:
+        _expect_fields(ok, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Retire(_VersionCommand):
+    """The version can no longer encrypt, decrypt or be fetched; its file is kept."""
+
+    verb: ClassVar[str] = "RETIRE"
+
+
+@dataclass(frozen=True, slots=True)
+class Restore(_VersionCommand):
+    """Undo ``RETIRE``."""
+
+    verb: ClassVar[str] = "RESTORE"
+
+
+@dataclass(frozen=True, slots=True)
+class Destroy(_VersionCommand):
+    """Erase the version's material for good (crypto-shredding); not the latest."""
+
+    verb: ClassVar[str] = "DESTROY"
+
+
+@dataclass(frozen=True, slots=True)
+class Configure(Request[None]):
+    """Set or clear (``None``) a key's automatic rotation period, in seconds."""
+
+    verb: ClassVar[str] = "CONFIG"
+    key_id: str
+    rotate_period: int | None
+
+    def arguments(self) -> list[bytes]:
+        period = "off" if self.rotate_period is None else format_period(self.rotate_period)
+        return [self.key_id.encode("ascii"), b"rotate=" + period.encode("ascii")]
+
+    def parse_reply(self, ok: Ok) -> None:
+        _expect_fields(ok, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Rekey(Request[int]):
+    """Re-seal the whole store under a new KEK that the daemon obtains itself.
+
+    ``source`` is ``file`` (``argument``: the path of a KEK file) or
+    ``passphrase`` (``argument``: the passphrase command). The reply is the new
+    store generation. The KEK itself never crosses the socket.
+    """
+
+    verb: ClassVar[str] = "REKEY"
+    repeatable: ClassVar[bool] = False
+    source: str
+    argument: str
+
+    def arguments(self) -> list[bytes]:
+        return [self.source.encode("ascii"), b64encode(self.argument.encode())]
+
+    def parse_reply(self, ok: Ok) -> int:
+        return _reply_int(_expect_fields(ok, 1)[0])
+
+
+# --------------------------------------------------------------------------- periods
+
+_PERIOD_RE = re.compile(rb"([1-9][0-9]{0,9})([smhd])")
+_PERIOD_UNITS = {b"s": 1, b"m": 60, b"h": 3600, b"d": 86400}
+MAX_PERIOD = 100 * 365 * 86400
+
+
+def parse_period(token: bytes) -> int:
+    """``90d``, ``12h``, ``30m`` or ``45s`` as seconds (at most 100 years)."""
+    match = _PERIOD_RE.fullmatch(token)
+    if match is None:
+        raise BadRequest("a period is a number and a unit: 45s, 30m, 12h or 90d")
+    seconds = int(match.group(1)) * _PERIOD_UNITS[match.group(2)]
+    if seconds > MAX_PERIOD:
+        raise BadRequest("a period is at most 100 years")
+    return seconds
+
+
+def format_period(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 # --------------------------------------------------------------------------- request parsing
 
 
@@ -467,15 +590,58 @@ def _no_args(cls: type[Request[Any]]) -> Any:
 
 
 def _parse_create(args: list[bytes]) -> Create:
-    if not 1 <= len(args) <= 2:
-        raise BadRequest("usage: CREATE <key-id> [exportable]")
+    if not 1 <= len(args) <= 3:
+        raise BadRequest("usage: CREATE <key-id> [exportable] [rotate=<period>]")
     key_id = validate_key_id(args[0])
     exportable = False
+    rotate_period = None
     for option in args[1:]:
-        if option.lower() != b"exportable":
-            raise BadRequest("unknown CREATE option")
-        exportable = True
-    return Create(key_id, exportable)
+        if option.lower() == b"exportable" and not exportable:
+            exportable = True
+        elif option[:7].lower() == b"rotate=" and rotate_period is None:
+            rotate_period = parse_period(option[7:])
+        else:
+            raise BadRequest("unknown or repeated CREATE option")
+    return Create(key_id, exportable, rotate_period)
+
+
+def _parse_rewrap(args: list[bytes]) -> Rewrap:
+    if not 2 <= len(args) <= 3:
+        raise BadRequest("usage: REWRAP <key-id> <base64 ciphertext> [<base64 aad>]")
+    key_id = validate_key_id(args[0])
+    ciphertext = _nonempty_b64(args[1], "ciphertext")
+    aad = _nonempty_b64(args[2], "aad") if len(args) == 3 else b""
+    return Rewrap(key_id, ciphertext, aad)
+
+
+def _version_command(cls: type[_VersionCommand]) -> Any:
+    def parse(args: list[bytes]) -> _VersionCommand:
+        if len(args) != 2:
+            raise BadRequest(f"usage: {cls.verb} <key-id> <version>")
+        return cls(validate_key_id(args[0]), parse_version(args[1]))
+
+    return parse
+
+
+def _parse_config(args: list[bytes]) -> Configure:
+    if len(args) != 2 or args[1][:7].lower() != b"rotate=":
+        raise BadRequest("usage: CONFIG <key-id> rotate=<period>|rotate=off")
+    key_id = validate_key_id(args[0])
+    value = args[1][7:]
+    return Configure(key_id, None if value.lower() == b"off" else parse_period(value))
+
+
+REKEY_SOURCES = ("file", "passphrase")
+
+
+def _parse_rekey(args: list[bytes]) -> Rekey:
+    if len(args) != 2 or args[0].decode("ascii", "replace") not in REKEY_SOURCES:
+        raise BadRequest("usage: REKEY file|passphrase <base64 path or command>")
+    try:
+        argument = _nonempty_b64(args[1], "argument").decode()
+    except UnicodeDecodeError:
+        raise BadRequest("the REKEY argument must be UTF-8") from None
+    return Rekey(args[0].decode("ascii"), argument)
 
 
 def _parse_rotate(args: list[bytes]) -> Rotate:
@@ -539,6 +705,12 @@ _PARSERS: dict[bytes, Any] = {
     b"ENC": _parse_encrypt,
     b"DEC": _parse_decrypt,
     b"DATAKEY": _parse_datakey,
+    b"REWRAP": _parse_rewrap,
+    b"RETIRE": _version_command(Retire),
+    b"RESTORE": _version_command(Restore),
+    b"DESTROY": _version_command(Destroy),
+    b"CONFIG": _parse_config,
+    b"REKEY": _parse_rekey,
 }
 
 #: The verbs, in the order ``HELP`` lists them.

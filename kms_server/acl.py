@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kms_client.errors import KmsError
 from kms_client.protocol import VERBS, Request, validate_key_id
 
 #: Verbs every peer may send: they touch no key.
@@ -164,82 +165,119 @@ class Acl:
         try:
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise AclError(f"{source}: not valid TOML: {exc}") from None
-        lines = text.splitlines()
-        headers = [n for n, line in enumerate(lines, 1) if _RULE_HEADER.match(line)]
+            # Python 3.11's TOMLDecodeError has no lineno; its message ends "(at line N, ...)".
+            where = re.search(r"at line (\d+)", str(exc))
+            line = f":{where.group(1)}" if where else ""
+            raise AclError(f"{source}{line}: not valid TOML: {exc}") from None
+        text_lines = text.splitlines()
+        whole = _Lines(source, text_lines, 1, len(text_lines))
         unknown = set(document) - {"allow"}
         if unknown:
             name = sorted(unknown)[0]
-            raise AclError(
-                f"{source}:{_find_line(lines, name, 1, len(lines))}: unknown table {name!r}; "
-                "rules are [[allow]] tables"
-            )
+            raise whole.error(name, None, f"unknown table {name!r}; rules are [[allow]] tables")
         raw_rules = document.get("allow", [])
         if not isinstance(raw_rules, list):
-            raise AclError(f"{source}: 'allow' must be an array of tables ([[allow]])")
+            raise whole.error("allow", None, "'allow' must be an array of tables ([[allow]])")
+        headers = [n for n, line in enumerate(text_lines, 1) if _RULE_HEADER.match(line)]
         rules = []
         for index, raw in enumerate(raw_rules):
             first = headers[index] if index < len(headers) else 1
-            last = headers[index + 1] - 1 if index + 1 < len(headers) else len(lines)
-            rules.append(_parse_rule(raw, source, lines, first, last))
+            last = headers[index + 1] - 1 if index + 1 < len(headers) else len(text_lines)
+            rules.append(_parse_rule(raw, _Lines(source, text_lines, first, last)))
         return cls(tuple(rules), source)
 
 
-def _find_line(lines: list[str], needle: str, first: int, last: int) -> int:
-    """The line of ``needle`` within a rule (tomllib keeps no positions), else its header."""
-    for number in range(first, last + 1):
-        if needle in lines[number - 1]:
-            return number
-    return first
+@dataclass(frozen=True)
+class _Lines:
+    """The text of one rule (lines ``first``..``last``), to name the line of an error.
+
+    tomllib keeps no positions, so a field is found as ``name =`` at the start
+    of a line, and a value as a quoted string between its field and the next.
+    """
+
+    source: str
+    lines: list[str]
+    first: int
+    last: int
+
+    def _field_start(self, name: str) -> int | None:
+        """The line where key or table ``name`` is defined (``name =`` or ``[[name]]``)."""
+        quoted = rf"""(?:{re.escape(name)}|"{re.escape(name)}"|'{re.escape(name)}')"""
+        pattern = re.compile(rf"^\s*(?:{quoted}\s*=|\[+\s*{quoted}\s*\])")
+        for number in range(self.first, self.last + 1):
+            if pattern.match(self.lines[number - 1]):
+                return number
+        return None
+
+    def line_of(self, name: str, value: str | None) -> int:
+        start = self._field_start(name)
+        if start is None:
+            return self.first
+        if value is None:
+            return start
+        field_start = re.compile(r"^\s*[A-Za-z_\"'][^=]*=")
+        quoted = (f'"{value}"', f"'{value}'")
+        for number in range(start, self.last + 1):
+            line = self.lines[number - 1]
+            if number > start and field_start.match(line):
+                break
+            if any(q in line for q in quoted):
+                return number
+        return start
+
+    def error(self, name: str, value: str | None, message: str) -> AclError:
+        return AclError(f"{self.source}:{self.line_of(name, value)}: {message}")
 
 
-def _parse_rule(raw: dict[str, Any], source: str, lines: list[str], first: int, last: int) -> Rule:
-    def fail(needle: str, message: str) -> AclError:
-        return AclError(f"{source}:{_find_line(lines, needle, first, last)}: {message}")
-
+def _parse_rule(raw: dict[str, Any], where: _Lines) -> Rule:
     for name in raw:
         if name not in _RULE_KEYS:
-            raise fail(name, f"unknown rule field {name!r} (use users, groups, keys, operations)")
-    uids = frozenset(_resolve(raw.get("users", []), "users", _uid_of, fail))
-    gids = frozenset(_resolve(raw.get("groups", []), "groups", _gid_of, fail))
+            raise where.error(
+                name, None, f"unknown rule field {name!r} (use users, groups, keys, operations)"
+            )
+    uids = frozenset(_resolve(raw.get("users", []), "users", _uid_of, where))
+    gids = frozenset(_resolve(raw.get("groups", []), "groups", _gid_of, where))
     if not uids and not gids:
-        raise fail("[[", "a rule must name at least one user or group")
+        raise AclError(f"{where.source}:{where.first}: a rule must name at least one user or group")
     keys = []
-    for pattern in _strings(raw.get("keys"), "keys", fail):
+    for pattern in _strings(raw.get("keys"), "keys", where):
         if not _valid_pattern(pattern):
-            raise fail(f'"{pattern}"', f"invalid key pattern {pattern!r} (id, prefix/*, or *)")
+            raise where.error(
+                "keys", pattern, f"invalid key pattern {pattern!r} (id, prefix/*, or *)"
+            )
         keys.append(KeyPattern(pattern))
     operations = set()
-    for operation in _strings(raw.get("operations"), "operations", fail):
+    for operation in _strings(raw.get("operations"), "operations", where):
         if operation not in OPERATIONS:
-            raise fail(
-                f'"{operation}"',
+            raise where.error(
+                "operations",
+                operation,
                 f"unknown operation {operation!r} (known: {', '.join(sorted(OPERATIONS))})",
             )
         operations.add(operation)
-    return Rule(first, uids, gids, tuple(keys), frozenset(operations))
+    return Rule(where.first, uids, gids, tuple(keys), frozenset(operations))
 
 
-def _strings(value: object, field: str, fail: Any) -> list[str]:
+def _strings(value: object, field: str, where: _Lines) -> list[str]:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise fail(field, f"{field} must be a non-empty list of strings")
+        raise where.error(field, None, f"{field} must be a non-empty list of strings")
     return value
 
 
-def _resolve(value: object, field: str, lookup: Any, fail: Any) -> list[int]:
+def _resolve(value: object, field: str, lookup: Any, where: _Lines) -> list[int]:
     if not isinstance(value, list):
-        raise fail(field, f"{field} must be a list of names or numeric ids")
+        raise where.error(field, None, f"{field} must be a list of names or numeric ids")
     ids = []
     for item in value:
         if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
             ids.append(item)
             continue
         if not isinstance(item, str):
-            raise fail(field, f"{field} must hold names or numeric ids")
+            raise where.error(field, None, f"{field} must hold names or numeric ids")
         resolved = lookup(item)
         if resolved is None:
             what = "user" if field == "users" else "group"
-            raise fail(f'"{item}"', f"unknown {what} {item!r}")
+            raise where.error(field, item, f"unknown {what} {item!r}")
         ids.append(resolved)
     return ids
 
@@ -250,7 +288,7 @@ def _valid_pattern(pattern: str) -> bool:
     base = pattern[:-2] if pattern.endswith("/*") else pattern
     try:
         validate_key_id(base.encode("ascii"))
-    except (UnicodeEncodeError, ValueError, Exception):
+    except (UnicodeEncodeError, KmsError):
         return False
     return True
 

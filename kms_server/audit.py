@@ -47,9 +47,11 @@ class AuditLog:
         if self.path is None:
             return STDERR_FD
         try:
-            return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)  # an existing file may have been created looser
         except OSError as exc:
             raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from None
+        return fd
 
     def reopen(self) -> None:
         """After log rotation (SIGHUP): write to a fresh file at the same path."""

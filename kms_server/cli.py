@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -271,6 +272,7 @@ def settings_from(config_file: Path | None, options: dict[str, Any]) -> Settings
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve(config_file: Path | None, dev: bool, verbose: bool, **options: Any) -> None:
     """Serve protocol v1 on a Unix socket until SIGTERM or SIGINT (SIGHUP reloads)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload request during start-up is moot
     setup_logging(verbose)
     with one_line_errors():
         if dev:

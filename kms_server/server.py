@@ -267,7 +267,7 @@ class Server:
                             key_id,
                             version,
                             result_of(reply),
-                            len(line) + 1,
+                            framer.last_line_size,
                             len(reply),
                             (perf_counter_ns() - began) // 1000,
                         )

@@ -1,0 +1,650 @@
+# The ACL: parsing (every error names its line), decisions (deny by default, patterns), and a
+# live daemon that says DENIED, reloads on SIGHUP without dropping connections, refuses bad files.
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kms_client.protocol import (
+    Configure,
+    Create,
+    Decrypt,
+    Destroy,
+    Encrypt,
+    GenerateDataKey,
+    Get,
+    Hello,
+    Help,
+    Info,
+    Ping,
+    Quit,
+    Restore,
+    Retire,
+    Rewrap,
+    Request,
+    Rotate,
+)
+from kms_server.acl import OPERATIONS, Acl, AclError, Grants, KeyPattern, Peer
+from tests.conftest import KMSD, Daemon, make_store
+from tests.users import Conn, ask, b64, code_of, running, wait_for
+
+SOURCE = "/etc/kms/acl.toml"
+EXIT_CONFIG = 2
+ROOT_NAME = pwd.getpwuid(0).pw_name
+ROOT_GROUP = grp.getgrgid(0).gr_name
+NO_USER = "kmst-no-such-user"
+NO_GROUP = "kmst-no-such-group"
+ALL_OPERATIONS = [
+    "create",
+    "rotate",
+    "info",
+    "get",
+    "enc",
+    "dec",
+    "datakey",
+    "rewrap",
+    "retire",
+    "restore",
+    "destroy",
+    "config",
+    "rekey",
+]
+
+
+def toml(*lines: str) -> str:
+    """An ACL text whose line N (1-based) is ``lines[N - 1]``."""
+    return "\n".join(lines) + "\n"
+
+
+def quoted(items: list[str]) -> str:
+    """A TOML array of basic strings."""
+    return "[" + ", ".join(f'"{item}"' for item in items) + "]"
+
+
+def parse(text: str) -> Acl:
+    return Acl.parse(text, SOURCE)
+
+
+def error_line(text: str) -> int:
+    """The line number an invalid ACL's error names: ``<source>:<N>: ...``."""
+    with pytest.raises(AclError) as caught:
+        parse(text)
+    message = str(caught.value)
+    match = re.match(rf"{re.escape(SOURCE)}:(\d+): ", message)
+    assert match, f"error does not start with '{SOURCE}:<line>: ': {message!r}"
+    return int(match.group(1))
+
+
+def peer(uid: int = 1000, gid: int = 1000, groups: tuple[int, ...] = ()) -> Peer:
+    return Peer(pid=4242, uid=uid, gid=gid, groups=frozenset({gid, *groups}), exe=None)
+
+
+def key_requests(key_id: str) -> dict[str, Request[Any]]:
+    """One request per grantable operation, on ``key_id``."""
+    return {
+        "create": Create(key_id),
+        "rotate": Rotate(key_id),
+        "info": Info(key_id),
+        "get": Get(key_id),
+        "enc": Encrypt(key_id, b"x"),
+        "dec": Decrypt(key_id, b"\x01" + bytes(45)),
+        "datakey": GenerateDataKey(key_id),
+        "rewrap": Rewrap(key_id, b"\x01" + bytes(45)),
+        "retire": Retire(key_id, 1),
+        "restore": Restore(key_id, 1),
+        "destroy": Destroy(key_id, 1),
+        "config": Configure(key_id, 60),
+    }
+
+
+# --------------------------------------------------------------------------- parsing: valid
+
+
+def test_operations_are_exactly_the_key_verbs() -> None:
+    assert set(ALL_OPERATIONS) == OPERATIONS
+
+
+def test_parse_users_and_groups_by_name_and_number_patterns_and_several_rules() -> None:
+    acl = parse(
+        toml(
+            "# who may ask",  # 1
+            "[[allow]]",  # 2
+            f'users = ["{ROOT_NAME}", 4242]',  # 3
+            f'groups = ["{ROOT_GROUP}", 4343]',  # 4
+            'keys = ["pg/*", "app/billing", "*"]',  # 5
+            'operations = ["get", "datakey"]',  # 6
+            "",  # 7
+            "[[allow]]",  # 8
+            "groups = [0]",  # 9
+            'keys = ["x"]',  # 10
+            f"operations = {quoted(ALL_OPERATIONS)}",  # 11
+            "",  # 12
+            "  [[ allow ]]   # indented, spaced header",  # 13
+            "users = [0]",  # 14
+            'keys = ["a/b/*"]',  # 15
+            'operations = ["enc"]',  # 16
+        )
+    )
+    assert acl.source == SOURCE
+    first, second, third = acl.rules
+    assert (first.line, second.line, third.line) == (2, 8, 13)
+    assert first.uids == {0, 4242}
+    assert first.gids == {0, 4343}
+    assert first.keys == (KeyPattern("pg/*"), KeyPattern("app/billing"), KeyPattern("*"))
+    assert first.operations == {"get", "datakey"}
+    assert second.uids == frozenset()
+    assert second.gids == {0}
+    assert second.keys == (KeyPattern("x"),)
+    assert second.operations == OPERATIONS
+    assert third.uids == {0}
+    assert third.operations == {"enc"}
+
+
+def test_parse_resolves_a_named_user_and_group_to_their_ids() -> None:
+    user = next((u for u in pwd.getpwall() if u.pw_uid != 0), pwd.getpwuid(0))
+    group = next((g for g in grp.getgrall() if g.gr_gid != 0), grp.getgrgid(0))
+    acl = parse(
+        toml(
+            "[[allow]]",
+            f'users = ["{user.pw_name}"]',
+            f'groups = ["{group.gr_name}"]',
+            'keys = ["*"]',
+            'operations = ["info"]',
+        )
+    )
+    assert acl.rules[0].uids == {user.pw_uid}
+    assert acl.rules[0].gids == {group.gr_gid}
+
+
+def test_an_empty_file_is_valid_and_grants_nothing() -> None:
+    acl = parse("# nobody may do anything\n")
+    assert acl.rules == ()
+    grants = acl.grants_for(peer(uid=0, gid=0))
+    for request in key_requests("a").values():
+        assert not grants.permits(request)
+
+
+def test_load_reads_a_file_and_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "acl.toml"
+    path.write_text(toml("[[allow]]", "users = [7]", 'keys = ["*"]', 'operations = ["get"]'))
+    assert Acl.load(path).source == str(path)
+    path.write_text(toml("[[allow]]", "users = [7]", 'keys = ["*"]', 'operations = ["got"]'))
+    with pytest.raises(AclError, match=rf"^{re.escape(str(path))}:4: "):
+        Acl.load(path)
+
+
+# --------------------------------------------------------------------------- parsing: errors
+
+GOOD_RULE = (
+    "[[allow]]",  # 1
+    f'users = ["{ROOT_NAME}"]',  # 2
+    'keys = ["*"]',  # 3
+    'operations = ["get"]',  # 4
+    "",  # 5
+)
+
+
+@pytest.mark.parametrize(
+    ("lines", "line"),
+    [
+        pytest.param(
+            (
+                *GOOD_RULE,
+                "[[allow]]",
+                f'users = ["{NO_USER}"]',
+                'keys = ["*"]',
+                'operations = ["get"]',
+            ),
+            7,
+            id="unknown-user-line-7",
+        ),
+        pytest.param(
+            (
+                *GOOD_RULE,
+                "[[allow]]",
+                "users = [0]",
+                f'groups = ["{NO_GROUP}"]',
+                'keys = ["*"]',
+                'operations = ["get"]',
+            ),
+            8,
+            id="unknown-group-line-8",
+        ),
+        pytest.param(
+            (
+                *GOOD_RULE,
+                "[[allow]]",
+                "users = [0]",
+                'keys = ["*"]',
+                'operations = ["get", "delete"]',
+            ),
+            9,
+            id="unknown-operation-line-9",
+        ),
+        pytest.param(
+            (
+                *GOOD_RULE,
+                "[[allow]]",
+                "users = [0]",
+                'keys = ["pg/*", "pg*"]',
+                'operations = ["get"]',
+            ),
+            8,
+            id="bad-key-pattern-line-8",
+        ),
+        pytest.param(
+            (*GOOD_RULE, "[[allow]]", "users = [0]", 'keys = ["pg/*/x"]', 'operations = ["get"]'),
+            8,
+            id="glob-in-the-middle-line-8",
+        ),
+        pytest.param(
+            (
+                *GOOD_RULE,
+                "[[allow]]",
+                "users = [0]",
+                'keys = ["*"]',
+                'operations = ["get"]',
+                'comment = "typo"',
+            ),
+            10,
+            id="unknown-field-line-10",
+        ),
+        pytest.param(
+            (
+                *GOOD_RULE,
+                "# a rule for nobody",
+                "[[allow]]",
+                'keys = ["*"]',
+                'operations = ["get"]',
+            ),
+            7,
+            id="no-users-or-groups-line-7",
+        ),
+        pytest.param(
+            (*GOOD_RULE, "[[allow]]", "users = [0]", 'keys = ["*"]', "operations = []"),
+            9,
+            id="empty-operations-line-9",
+        ),
+        pytest.param(
+            (*GOOD_RULE, "[[allow]]", "users = [0]", "keys = []", 'operations = ["get"]'),
+            8,
+            id="empty-keys-line-8",
+        ),
+        pytest.param(
+            (*GOOD_RULE, "[[deny]]", "users = [0]"),
+            6,
+            id="unknown-table-line-6",
+        ),
+    ],
+)
+def test_every_error_names_its_line(lines: tuple[str, ...], line: int) -> None:
+    assert error_line(toml(*lines)) == line
+
+
+def test_invalid_toml_names_its_line() -> None:
+    # tomllib reports "(at line 8, column 14)"; the contract is "<source>:8: ...".
+    text = toml(*GOOD_RULE, "[[allow]]", "users = [0]", "operations = get")
+    assert error_line(text) == 8
+
+
+def test_a_duplicate_field_names_its_line() -> None:
+    text = toml("[[allow]]", "users = [0]", 'keys = ["*"]', "users = [1]", 'operations = ["get"]')
+    assert error_line(text) == 4
+
+
+def test_allow_that_is_not_an_array_of_tables_names_its_line() -> None:
+    assert error_line(toml("# rules", "allow = 1")) == 2
+
+
+def test_unknown_field_is_found_on_its_own_line_not_in_a_longer_field_name() -> None:
+    # "user" (a typo) is a substring of "users" on line 2: the error must still name line 5.
+    text = toml("[[allow]]", "users = [0]", 'keys = ["*"]', 'operations = ["get"]', "user = [1]")
+    assert error_line(text) == 5
+
+
+def test_unknown_user_in_a_single_quoted_literal_string_names_its_line() -> None:
+    # 'name' is TOML's literal string: as valid as "name".
+    text = toml("[[allow]]", "keys = ['*']", "operations = ['get']", f"users = ['{NO_USER}']")
+    assert error_line(text) == 4
+
+
+def test_unknown_user_in_a_multi_line_array_names_the_line_of_the_name() -> None:
+    text = toml(
+        "[[allow]]",
+        "users = [",
+        f'  "{ROOT_NAME}",',
+        f'  "{NO_USER}",',
+        "]",
+        'keys = ["*"]',
+        'operations = ["get"]',
+    )
+    assert error_line(text) == 4
+
+
+@pytest.mark.parametrize("value", ['"root"', "[-1]", "[true]", "[1.5]", '[["root"]]'], ids=str)
+def test_users_of_the_wrong_type_name_the_users_line(value: str) -> None:
+    text = toml("[[allow]]", 'keys = ["*"]', f"users = {value}", 'operations = ["get"]')
+    assert error_line(text) == 3
+
+
+@pytest.mark.parametrize("operation", ["GET", "ping", "all", "*", ""])
+def test_only_lower_case_key_operations_may_be_granted(operation: str) -> None:
+    text = toml("[[allow]]", "users = [0]", 'keys = ["*"]', f'operations = ["{operation}"]')
+    assert error_line(text) == 4
+
+
+@pytest.mark.parametrize("pattern", ["", "/*", "pg/", "pg/**", "*/x", ".x", "a b", "café", "pg/?"])
+def test_invalid_key_patterns_are_refused(pattern: str) -> None:
+    text = toml("[[allow]]", "users = [0]", f'keys = ["{pattern}"]', 'operations = ["get"]')
+    assert error_line(text) == 3
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+def grants_of(text: str, who: Peer) -> Grants:
+    return parse(text).grants_for(who)
+
+
+def test_deny_by_default_but_ping_hello_help_quit_are_always_allowed() -> None:
+    text = toml(
+        "[[allow]]", "users = [1]", 'keys = ["*"]', f"operations = {quoted(ALL_OPERATIONS)}"
+    )
+    grants = grants_of(text, peer(uid=2, gid=2))
+    for operation, request in key_requests("any").items():
+        assert not grants.permits(request), operation
+    for request in (Ping(), Hello(), Help(), Quit()):
+        assert grants.permits(request)
+
+
+def test_a_user_rule_grants_exactly_its_operations() -> None:
+    text = toml("[[allow]]", "users = [1000]", 'keys = ["*"]', 'operations = ["get", "datakey"]')
+    grants = grants_of(text, peer(uid=1000))
+    allowed = {op for op, request in key_requests("k").items() if grants.permits(request)}
+    assert allowed == {"get", "datakey"}
+
+
+def test_prefix_pattern_covers_everything_below_but_no_sibling() -> None:
+    text = toml("[[allow]]", "users = [1000]", 'keys = ["pg/*"]', 'operations = ["get"]')
+    grants = grants_of(text, peer(uid=1000))
+    for key_id in ("pg/a", "pg/a/b", "pg/cluster1/wal/x", "pg/0"):
+        assert grants.permits(Get(key_id)), key_id
+    for key_id in ("pg", "pgx/a", "pgx", "pg-a", "apg/a", "x/pg/a", "PG/a"):
+        assert not grants.permits(Get(key_id)), key_id
+
+
+def test_exact_pattern_covers_only_that_key() -> None:
+    text = toml("[[allow]]", "users = [1000]", 'keys = ["app/billing"]', 'operations = ["enc"]')
+    grants = grants_of(text, peer(uid=1000))
+    assert grants.permits(Encrypt("app/billing", b"x"))
+    for key_id in ("app/billing/x", "app/billingx", "app", "app/Billing", "app/billin"):
+        assert not grants.permits(Encrypt(key_id, b"x")), key_id
+
+
+def test_star_covers_every_key() -> None:
+    text = toml("[[allow]]", "users = [1000]", 'keys = ["*"]', 'operations = ["info"]')
+    grants = grants_of(text, peer(uid=1000))
+    for key_id in ("a", "pg/a/b", "Z.9_-"):
+        assert grants.permits(Info(key_id))
+
+
+def test_an_operation_granted_on_one_key_is_not_granted_on_another() -> None:
+    text = toml(
+        "[[allow]]",
+        "users = [1000]",
+        'keys = ["pg/*"]',
+        'operations = ["get"]',
+        "[[allow]]",
+        "users = [1000]",
+        'keys = ["app/x"]',
+        'operations = ["enc"]',
+    )
+    grants = grants_of(text, peer(uid=1000))
+    assert grants.permits(Get("pg/a"))
+    assert grants.permits(Encrypt("app/x", b"x"))
+    assert not grants.permits(Get("app/x"))
+    assert not grants.permits(Encrypt("pg/a", b"x"))
+
+
+def test_group_rules_apply_through_primary_and_supplementary_groups() -> None:
+    text = toml("[[allow]]", "groups = [27]", 'keys = ["*"]', 'operations = ["get"]')
+    assert grants_of(text, peer(uid=5, gid=27)).permits(Get("k"))
+    assert grants_of(text, peer(uid=5, gid=5, groups=(27,))).permits(Get("k"))
+    assert not grants_of(text, peer(uid=27, gid=5, groups=(28,))).permits(Get("k"))
+
+
+def test_a_user_rule_does_not_apply_to_a_group_of_the_same_number() -> None:
+    text = toml("[[allow]]", "users = [27]", 'keys = ["*"]', 'operations = ["get"]')
+    assert not grants_of(text, peer(uid=5, gid=27)).permits(Get("k"))
+    assert grants_of(text, peer(uid=27, gid=5)).permits(Get("k"))
+
+
+def test_owner_only_grants_everything_to_that_uid_alone() -> None:
+    acl = Acl.owner_only(1234)
+    owner = acl.grants_for(peer(uid=1234))
+    stranger = acl.grants_for(peer(uid=1235, gid=1234))
+    for operation, request in key_requests("any/key").items():
+        assert owner.permits(request), operation
+        assert not stranger.permits(request), operation
+
+
+def test_key_pattern_covers() -> None:
+    assert KeyPattern("*").covers("x")
+    assert KeyPattern("a/*").covers("a/b")
+    assert not KeyPattern("a/*").covers("a")
+    assert KeyPattern("a").covers("a")
+    assert not KeyPattern("a").covers("a/b")
+
+
+# --------------------------------------------------------------------------- live daemon
+
+UID = os.getuid()
+
+
+def acl_text(*rules: tuple[list[str], list[str]]) -> str:
+    """Rules for this process's uid: (key patterns, operations) each."""
+    lines: list[str] = []
+    for keys, operations in rules:
+        lines += [
+            "[[allow]]",
+            f"users = [{UID}]",
+            f"keys = {quoted(keys)}",
+            f"operations = {quoted(operations)}",
+        ]
+    return toml(*lines)
+
+
+GET_A_CREATE_ALL = acl_text((["a/*"], ["get"]), (["*"], ["create"]))
+ENC_A_CREATE_ALL = acl_text((["a/*"], ["enc"]), (["*"], ["create"]))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_suffix(".new")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+@pytest.fixture
+def acl_daemon(short_tmp: Path) -> Iterator[Daemon]:
+    """A daemon whose ACL lets this uid `get` under a/* and `create` anything."""
+    daemon = make_store(short_tmp / "d")
+    acl = short_tmp / "acl.toml"
+    acl.write_text(GET_A_CREATE_ALL)
+    daemon.extra_args = ["--acl", str(acl)]
+    with running(daemon):
+        yield daemon
+
+
+def acl_path(daemon: Daemon) -> Path:
+    return Path(daemon.extra_args[daemon.extra_args.index("--acl") + 1])
+
+
+def test_live_denied_comes_before_any_look_at_the_store(acl_daemon: Daemon) -> None:
+    with Conn(acl_daemon.socket_path) as conn:
+        assert code_of(conn.ask(b"GET a/x")) == "NOT_FOUND"  # granted: the store answers
+        assert conn.ask(b"CREATE a/x exportable") == b"OK 1"
+        assert conn.ask(b"CREATE b exportable") == b"OK 1"
+        assert code_of(conn.ask(b"GET a/x")) == "OK"
+        assert code_of(conn.ask(b"GET a/x 1")) == "OK"
+        assert code_of(conn.ask(b"GET a/x 2")) == "NOT_FOUND"
+        # Not granted: DENIED whether the key exists or not, byte for byte the same reply.
+        existing, missing = conn.ask(b"GET b"), conn.ask(b"GET nothere")
+        assert code_of(existing) == "DENIED"
+        assert existing == missing
+        for line in (
+            b"ENC a/x " + b64(b"plaintext"),
+            b"DEC a/x " + b64(bytes(46)),
+            b"DATAKEY a/x",
+            b"INFO a/x",
+            b"ROTATE a/x",
+            b"ROTATE b",
+            b"GET a",
+            b"GET ax/y",
+        ):
+            assert code_of(conn.ask(line)) == "DENIED", line
+        # Malformed requests are refused for what they are, before the ACL (protocol.md 3).
+        assert code_of(conn.ask(b"GET b 0")) == "BAD_REQUEST"
+        assert code_of(conn.ask(b"ENC b !!!!")) == "BAD_REQUEST"
+        assert code_of(conn.ask(b"GET ..")) == "BAD_KEY_ID"
+        # Always allowed, and the connection is still usable after every DENIED.
+        assert conn.ask(b"PING") == b"OK PONG"
+        assert code_of(conn.ask(b"HELLO")) == "OK"
+        assert code_of(conn.ask(b"HELP")) == "OK"
+        assert conn.ask(b"QUIT") == b"OK BYE"
+    assert code_of(ask(acl_daemon.socket_path, b"ROTATE a/x")) == "DENIED"
+
+
+def test_live_sighup_reload_changes_decisions_on_an_open_connection(acl_daemon: Daemon) -> None:
+    assert acl_daemon.process is not None
+    enc = b"ENC a/x " + b64(b"plaintext")
+    with Conn(acl_daemon.socket_path) as conn:
+        assert conn.ask(b"CREATE a/x exportable") == b"OK 1"
+        assert code_of(conn.ask(b"GET a/x")) == "OK"
+        assert code_of(conn.ask(enc)) == "DENIED"
+
+        write_atomically(acl_path(acl_daemon), ENC_A_CREATE_ALL)
+        acl_daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: code_of(conn.ask(enc)) == "OK", what="the reloaded ACL to grant ENC")
+
+        assert code_of(conn.ask(b"GET a/x")) == "DENIED"
+        assert conn.ask(b"PING") == b"OK PONG"
+        assert code_of(ask(acl_daemon.socket_path, b"GET a/x")) == "DENIED"
+        assert code_of(ask(acl_daemon.socket_path, enc)) == "OK"
+    assert acl_daemon.process.poll() is None
+
+
+def test_live_bad_acl_at_reload_is_rejected_and_the_old_one_stays(acl_daemon: Daemon) -> None:
+    assert acl_daemon.process is not None
+    enc = b"ENC a/x " + b64(b"plaintext")
+    path = acl_path(acl_daemon)
+    with Conn(acl_daemon.socket_path) as conn:
+        assert conn.ask(b"CREATE a/x exportable") == b"OK 1"
+        bad = toml("[[allow]]", f"users = [{UID}]", f'groups = ["{NO_GROUP}"]', 'keys = ["*"]')
+        write_atomically(path, bad)
+        acl_daemon.process.send_signal(signal.SIGHUP)
+        # The daemon log names the rejected file and line (the contract's prefix, not wording).
+        wait_for(lambda: f"{path}:3:" in acl_daemon.log.read_text(), what="the rejection log")
+
+        assert code_of(conn.ask(b"GET a/x")) == "OK"
+        assert code_of(conn.ask(enc)) == "DENIED"
+        with Conn(acl_daemon.socket_path) as fresh:
+            assert code_of(fresh.ask(b"GET a/x")) == "OK"
+            assert code_of(fresh.ask(enc)) == "DENIED"
+            assert fresh.ask(b"CREATE c") == b"OK 1"
+        assert acl_daemon.process.poll() is None
+
+        # A good file at the next SIGHUP is taken: reloading still works after a rejection.
+        write_atomically(path, ENC_A_CREATE_ALL)
+        acl_daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: code_of(conn.ask(enc)) == "OK", what="the good ACL after a bad one")
+        assert code_of(conn.ask(b"GET a/x")) == "DENIED"
+
+
+def kmsd(*args: object, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*KMSD, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def assert_one_line_naming(result: subprocess.CompletedProcess[str], where: str) -> None:
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.endswith("\n")
+    assert where in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+BAD_OPERATION_ON_LINE_4 = toml("[[allow]]", "users = [0]", 'keys = ["*"]', 'operations = ["nuke"]')
+
+
+def test_serve_with_a_bad_acl_exits_2_with_one_line_naming_the_line(short_tmp: Path) -> None:
+    store = make_store(short_tmp / "d")
+    bad = short_tmp / "bad.toml"
+    bad.write_text(BAD_OPERATION_ON_LINE_4)
+    result = kmsd(*store.command()[3:], "--acl", bad)
+    assert_one_line_naming(result, f"{bad}:4:")
+    assert not Path(store.socket_path).exists()
+
+
+def test_serve_with_a_missing_acl_exits_2(short_tmp: Path) -> None:
+    store = make_store(short_tmp / "d")
+    result = kmsd(*store.command()[3:], "--acl", short_tmp / "missing.toml")
+    assert_one_line_naming(result, str(short_tmp / "missing.toml"))
+    assert not Path(store.socket_path).exists()
+
+
+def test_check_config_validates_without_starting(short_tmp: Path) -> None:
+    store = make_store(short_tmp / "d")
+    good, bad = short_tmp / "good.toml", short_tmp / "bad.toml"
+    good.write_text(GET_A_CREATE_ALL)
+    bad.write_text(BAD_OPERATION_ON_LINE_4)
+    # A socket path in a directory that does not exist: check-config must not need it.
+    socket_path = short_tmp / "absent" / "kms.sock"
+    common = ["--store", store.store, "--kek-file", store.kek_file, "--socket", socket_path]
+
+    result = kmsd("check-config", *common, "--acl", good)
+    assert result.returncode == 0, result.stderr
+    result = kmsd("check-config", *common, "--acl", bad)
+    assert_one_line_naming(result, f"{bad}:4:")
+    result = kmsd("check-config", *common)  # no ACL: the owner-only default is valid
+    assert result.returncode == 0, result.stderr
+
+    assert not socket_path.parent.exists()
+    assert not (store.store / ".lock").exists()  # the store was never opened
+
+
+def test_check_config_succeeds_while_a_daemon_holds_the_store(acl_daemon: Daemon) -> None:
+    # It neither takes the store lock nor binds the socket, so it works beside a live daemon.
+    result = kmsd(
+        "check-config",
+        "--store",
+        acl_daemon.store,
+        "--kek-file",
+        acl_daemon.kek_file,
+        "--socket",
+        acl_daemon.socket_path,
+        "--acl",
+        acl_path(acl_daemon),
+    )
+    assert result.returncode == 0, result.stderr
+    assert ask(acl_daemon.socket_path, b"PING") == b"OK PONG"
+
+
+def test_without_acl_the_daemon_says_only_its_own_uid_may_use_it(daemon: Daemon) -> None:
+    assert ask(daemon.socket_path, b"CREATE k") == b"OK 1"
+    warnings = [line for line in daemon.log.read_text().splitlines() if " WARNING " in line]
+    assert any(re.search(rf"\buid {UID}\b", line) for line in warnings), warnings
