@@ -26,6 +26,7 @@ class ErrorCode(enum.StrEnum):
     BAD_CIPHERTEXT = "BAD_CIPHERTEXT"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    RETIRED = "RETIRED"
 
 
 class KmsError(Exception):
@@ -101,6 +102,11 @@ class InternalError(KmsError):
     default_message = "internal error"
 
 
+class Retired(KmsError):
+    code = ErrorCode.RETIRED
+    default_message = "key version is retired"
+
+
 class ProtocolViolation(KmsError):
     """Client side only: the server's reply does not follow protocol v1."""
 
@@ -136,6 +142,7 @@ ERROR_CLASSES: dict[str, type[KmsError]] = {
         BadCiphertext,
         Unavailable,
         InternalError,
+        Retired,
     )
 }
 

@@ -27,10 +27,10 @@ from kms_client.protocol import (
     Info,
     Ping,
     Quit,
+    Request,
     Restore,
     Retire,
     Rewrap,
-    Request,
     Rotate,
 )
 from kms_server.acl import OPERATIONS, Acl, AclError, Grants, KeyPattern, Peer
