@@ -27,6 +27,7 @@ code  meaning
 18    BAD_CIPHERTEXT
 19    UNAVAILABLE
 20    INTERNAL
+21    RETIRED
 ====  ======================================================================
 
 Encrypted stream format (``kms encrypt`` writes it, ``kms decrypt`` reads it)
@@ -113,6 +114,7 @@ EXIT_CODES: dict[str, int] = {
     ErrorCode.BAD_CIPHERTEXT: 18,
     ErrorCode.UNAVAILABLE: 19,
     ErrorCode.INTERNAL: 20,
+    ErrorCode.RETIRED: 21,
 }
 
 # ---------------------------------------------------------------------- stream format

@@ -5,7 +5,8 @@
 Exit codes: 0 success; 1 unexpected error; 2 usage or configuration error;
 3 store error (missing, damaged, locked, wrong KEK); 4 KEK source error (file
 unreadable, passphrase command failed); 5 socket error (path taken by a live
-daemon or a non-socket file, cannot bind).
+daemon or a non-socket file, cannot bind); 6 `verify` found damage; 7 the running
+daemon refused a request (`rekey` through the socket).
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ from typing import Any, NoReturn
 import click
 import trio
 
-from kms_server import __version__
+from kms_client.errors import KmsError
+from kms_client.protocol import Rekey
+from kms_client.sync import Client
+from kms_server import __version__, maintenance
 from kms_server.acl import Acl, AclError
 from kms_server.audit import AuditError, AuditLog
 from kms_server.config import ConfigError, Settings, load
 from kms_server.crypto import KEY_SIZE, random_bytes, wipe
 from kms_server.dispatch import Dispatcher
+from kms_server.files import write_new_file
 from kms_server.hardening import harden_process
-from kms_server.kek import KekError, KekFile, obtain_for_store
+from kms_server.kek import KekError, KekFile, KekSource, PassphraseCommand, obtain_for_store
+from kms_server.maintenance import online_rekeyer
 from kms_server.server import (
     AccessControl,
     Server,
@@ -39,7 +45,15 @@ from kms_server.server import (
     remove_socket,
     run,
 )
-from kms_server.store import KeyStore, StoreError, init_store, read_metadata, write_new_file
+from kms_server.store import (
+    LOCK_NAME,
+    KeyStore,
+    StoreError,
+    init_store,
+    locked,
+    read_metadata,
+    serving_socket,
+)
 
 log = logging.getLogger("kmsd")
 
@@ -48,6 +62,8 @@ EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_KEK = 4
 EXIT_SOCKET = 5
+EXIT_DAMAGED = 6
+EXIT_REFUSED = 7
 
 DEV_STORE = Path(".kms-dev")
 DEV_KEK_NAME = "dev-kek.hex"
@@ -230,6 +246,18 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Seconds in-flight requests get at shutdown (10).",
         ),
         click.option(
+            "--counter-flush-interval",
+            type=float,
+            default=None,
+            help="Seconds between writes of usage counters (5).",
+        ),
+        click.option(
+            "--rotation-check-interval",
+            type=float,
+            default=None,
+            help="Seconds between checks for keys due for automatic rotation (60).",
+        ),
+        click.option(
             "--acl",
             type=click.Path(path_type=Path),
             default=None,
@@ -341,7 +369,10 @@ def serve_store(settings: Settings, store: KeyStore, access: AccessControl) -> N
     listener = bind_unix_socket(settings.socket, settings.socket_mode)
     bound = os.lstat(settings.socket)
     try:
-        server = Server(Dispatcher(store, __version__), listener, settings.limits(), access, audit)
+        rekeyer = online_rekeyer(store, settings.passphrase_timeout)
+        dispatcher = Dispatcher(store, __version__, rekeyer)
+        server = Server(dispatcher, listener, settings.limits(), access, audit)
+        store.announce(settings.socket)
         log.info(
             "serving store %s on %s (mode %04o), KEK source: %s",
             settings.store,
@@ -356,3 +387,177 @@ def serve_store(settings: Settings, store: KeyStore, access: AccessControl) -> N
         audit.close()
         remove_socket(settings.socket, bound)
     log.info("stopped")
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def kek_source_options(prefix: str, what: str) -> Callable[[Callable[..., Any]], Any]:
+    def decorate(func: Callable[..., Any]) -> Any:
+        func = click.option(
+            f"--{prefix}passphrase-command",
+            default=None,
+            metavar="CMD",
+            help=f"The {what} KEK from a passphrase command (Argon2id).",
+        )(func)
+        return click.option(
+            f"--{prefix}kek-file",
+            type=click.Path(path_type=Path),
+            default=None,
+            help=f"The {what} KEK file: 32 raw bytes or 64 hex characters.",
+        )(func)
+
+    return decorate
+
+
+def kek_source_from(kek_file: Path | None, command: str | None, timeout: float | None) -> KekSource:
+    return load(
+        None,
+        {
+            "kek_file": str(kek_file) if kek_file else None,
+            "passphrase_command": command,
+            "passphrase_timeout": timeout,
+        },
+    ).kek_source()
+
+
+@main.command()
+@store_option(required=True)
+@kek_source_options("old-", "current")
+@kek_source_options("new-", "new")
+@click.option("--passphrase-timeout", type=float, default=None, help="Seconds (default 30).")
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A running daemon's socket (default: the one recorded in the store lock).",
+)
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Finish or roll back an interrupted rekey, then stop (needs no KEK).",
+)
+def rekey(
+    store: Path,
+    old_kek_file: Path | None,
+    old_passphrase_command: str | None,
+    new_kek_file: Path | None,
+    new_passphrase_command: str | None,
+    passphrase_timeout: float | None,
+    socket_path: Path | None,
+    repair: bool,
+) -> None:
+    """Re-seal every key file under a new KEK, crash-safely; online through a running daemon."""
+    with one_line_errors():
+        if repair:
+            removed = maintenance.repair(store)
+            click.echo(f"repaired {store}: removed {', '.join(removed) or 'nothing'}")
+            return
+        new_source = kek_source_from(new_kek_file, new_passphrase_command, passphrase_timeout)
+        metadata = read_metadata(store)
+        old_kek = None
+        if old_kek_file is not None or old_passphrase_command is not None:
+            old_source = kek_source_from(old_kek_file, old_passphrase_command, passphrase_timeout)
+            old_kek = obtain_for_store(old_source, metadata.kek)
+            maintenance.check_kek(metadata, old_kek)
+        serving = socket_path or serving_socket(store)
+        if serving is not None and store_in_use(store):
+            if old_kek is not None:
+                wipe(old_kek)
+            generation = rekey_through_daemon(Path(serving), new_source)
+            click.echo(f"rekeyed {store} through the running daemon: generation {generation}")
+            return
+        if old_kek is None:
+            raise ConfigError(
+                "no daemon serves this store: give the current KEK "
+                "(--old-kek-file or --old-passphrase-command)"
+            )
+        description = new_source.describe_new()
+        new_kek = new_source.obtain(description)
+        try:
+            generation = maintenance.rekey_offline(store, old_kek, new_kek, description)
+        finally:
+            wipe(old_kek)
+            wipe(new_kek)
+        click.echo(f"rekeyed {store}: generation {generation}, KEK source {new_source.kind}")
+
+
+def store_in_use(store: Path) -> bool:
+    try:
+        with locked(store / LOCK_NAME, blocking=False):
+            return False
+    except StoreError:
+        return True
+
+
+def rekey_through_daemon(socket_path: Path, source: KekSource) -> int:
+    """Ask the daemon to rekey: it reads the new KEK file or runs the command itself."""
+    if isinstance(source, KekFile):
+        request = Rekey("file", str(source.path.absolute()))
+    else:
+        assert isinstance(source, PassphraseCommand)  # noqa: S101 - the only other kind
+        request = Rekey("passphrase", source.command)
+    try:
+        with Client(socket_path, timeout=600.0) as client:
+            return client.call(request)
+    except KmsError as error:
+        fail(f"the daemon refused the rekey: {error}", EXIT_REFUSED)
+
+
+@main.command()
+@store_option(required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Backup file.")
+def backup(store: Path, out: Path) -> None:
+    """Snapshot the sealed store (consistent even while the daemon runs)."""
+    with one_line_errors():
+        count = maintenance.backup(store, out)
+        click.echo(f"backed up {count} files of {store} to {out} (sealed: useless without the KEK)")
+
+
+@main.command()
+@click.option(
+    "--in",
+    "archive",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Backup file made by `kmsd backup`.",
+)
+@store_option(required=True)
+def restore(archive: Path, store: Path) -> None:
+    """Restore a backup into an empty store directory."""
+    with one_line_errors():
+        metadata = maintenance.restore(archive, store)
+        click.echo(
+            f"restored store {metadata.store_id} (generation {metadata.generation}) into {store}"
+        )
+
+
+@main.command()
+@store_option(required=True)
+@kek_options
+def verify(
+    store: Path,
+    kek_file: Path | None,
+    passphrase_command: str | None,
+    passphrase_timeout: float | None,
+) -> None:
+    """Open every key version and check every seal; exit 6 on any damage."""
+    with one_line_errors():
+        source = kek_source_from(kek_file, passphrase_command, passphrase_timeout)
+        kek = obtain_for_store(source, read_metadata(store).kek)
+        try:
+            reports = maintenance.verify(store, kek)
+        finally:
+            wipe(kek)
+    damaged = 0
+    for report in reports:
+        if report.problems:
+            damaged += 1
+            for problem in report.problems:
+                click.echo(f"DAMAGED {report.key_id}: {problem}")
+        else:
+            click.echo(f"ok      {report.key_id} ({report.versions} versions)")
+    click.echo(f"{len(reports)} checked, {damaged} damaged")
+    if damaged:
+        sys.exit(EXIT_DAMAGED)

@@ -51,6 +51,8 @@ class Settings:
     grace_period: float = 10.0
     acl: Path | None = None
     audit_log: Path | None = None
+    counter_flush_interval: float = 5.0
+    rotation_check_interval: float = 60.0
 
     def limits(self) -> Limits:
         return Limits(
@@ -58,6 +60,8 @@ class Settings:
             max_connections=self.max_connections,
             idle_timeout=self.idle_timeout,
             grace_period=self.grace_period,
+            counter_flush_interval=self.counter_flush_interval,
+            rotation_check_interval=self.rotation_check_interval,
         )
 
     def kek_source(self) -> KekSource:

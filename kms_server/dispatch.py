@@ -2,12 +2,13 @@
 # No sockets and no trio: fast requests run inline; writes take a thread runner as a parameter.
 """Executes parsed protocol requests against an opened :class:`KeyStore`.
 
-Fast requests (everything but ``CREATE`` and ``ROTATE``) run on the event loop
-through :meth:`Dispatcher.respond`: on a cached key they cost a few
-microseconds, far less than a thread hop. ``CREATE`` and ``ROTATE`` fsync
-files, so :meth:`Dispatcher.respond_write` hands the blocking part to the
-runner it is given (``trio.to_thread.run_sync`` in the daemon) and publishes
-the result back on the caller's thread.
+Fast requests (key use and inspection) run on the event loop through
+:meth:`Dispatcher.respond`: on a cached key they cost a few microseconds, far
+less than a thread hop. Requests that change the store fsync files, so
+:meth:`Dispatcher.respond_write` plans on the caller's thread, hands the
+blocking part to the runner it is given (``trio.to_thread.run_sync`` in the
+daemon), and applies the result back on the caller's thread. The caller runs
+one write at a time, so plans cannot race.
 """
 
 from __future__ import annotations
@@ -15,14 +16,26 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
-from kms_client.errors import BadCiphertext, InternalError, KeyExists, KmsError, NotExportable
+from kms_client.errors import (
+    BadCiphertext,
+    BadRequest,
+    InternalError,
+    KeyExists,
+    KeyNotFound,
+    KmsError,
+    NotExportable,
+    Retired,
+)
 from kms_client.protocol import (
     PROTOCOL_NAME,
     VERBS,
+    Configure,
     Create,
     Decrypt,
+    Destroy,
     Encrypt,
     GenerateDataKey,
     Get,
@@ -31,31 +44,42 @@ from kms_client.protocol import (
     Info,
     Ping,
     Quit,
+    Rekey,
     Request,
+    Restore,
+    Retire,
+    Rewrap,
     Rotate,
     b64encode,
     format_error,
     format_ok,
 )
 from kms_server.crypto import random_bytes
-from kms_server.keys import KeyVersion, ciphertext_version
-from kms_server.store import KeyStore
+from kms_server.keys import ACTIVE, DESTROYED, RETIRED, KeyVersion, ciphertext_version
+from kms_server.store import KeyState, KeyStore, parse_time
 
 log = logging.getLogger("kmsd.dispatch")
 
 T = TypeVar("T")
 ThreadRunner = Callable[[Callable[[], T]], Awaitable[T]]
+#: Re-seals the store under a new KEK from ``(source kind, argument)``; returns the generation.
+Rekeyer = Callable[[str, str, ThreadRunner[Any]], Awaitable[int]]
 
-WRITE_REQUESTS = (Create, Rotate)
+WRITE_REQUESTS = (Create, Rotate, Retire, Restore, Destroy, Configure, Rekey)
 #: A response line and the key version the request used (None when it used none).
 Reply = tuple[bytes, int | None]
 
 
 class Dispatcher:
-    def __init__(self, store: KeyStore, server_version: str) -> None:
-        self._store = store
+    def __init__(
+        self, store: KeyStore, server_version: str, rekeyer: Rekeyer | None = None
+    ) -> None:
+        self.store = self._store = store
+        self._rekeyer = rekeyer
         self._hello = format_ok(PROTOCOL_NAME.encode(), server_version.encode("ascii"))
         self._help = format_ok(*(verb.encode() for verb in VERBS))
+
+    # ----------------------------------------------------------------- fast path (event loop)
 
     def respond(self, request: Request[Any]) -> Reply:
         """The response line to a fast request and the key version it used (for the audit).
@@ -74,29 +98,35 @@ class Dispatcher:
         store = self._store
         # Ordered by how often a database asks.
         if type(request) is Encrypt:
-            key = store.version(request.key_id)
+            key = store.usable(request.key_id)
             ciphertext = key.encrypt(request.plaintext, request.aad)
+            self._count(key, encryptions=1, size=len(request.plaintext))
             return b"OK " + b64encode(ciphertext) + b"\n", key.version
         if type(request) is Decrypt:
-            version = ciphertext_version(request.ciphertext)
-            try:
-                key = store.version(request.key_id, version)
-            except KmsError as error:
-                if error.code == "NOT_FOUND" and store.exists(request.key_id):
-                    raise BadCiphertext() from None
-                raise
-            return b"OK " + b64encode(key.decrypt(request.ciphertext, request.aad)) + b"\n", version
+            key = self._key_for(request.key_id, request.ciphertext)
+            plaintext = key.decrypt(request.ciphertext, request.aad)
+            self._count(key, decryptions=1, size=len(plaintext))
+            return b"OK " + b64encode(plaintext) + b"\n", key.version
         if type(request) is Get:
-            key = store.version(request.key_id, request.version)
+            key = store.usable(request.key_id, request.version)
             if not key.exportable:
                 raise NotExportable()
             exported = format_ok(str(key.version).encode(), b64encode(bytes(key.material)))
             return exported, key.version
         if type(request) is GenerateDataKey:
-            key = store.version(request.key_id)
+            key = store.usable(request.key_id)
             data_key = random_bytes(request.nbytes)
             wrapped = key.encrypt(data_key, b"")
+            self._count(key, encryptions=1, size=request.nbytes)
             return format_ok(b64encode(data_key), b64encode(wrapped)), key.version
+        if type(request) is Rewrap:
+            old = self._key_for(request.key_id, request.ciphertext)
+            plaintext = old.decrypt(request.ciphertext, request.aad)
+            new = store.usable(request.key_id)
+            ciphertext = new.encrypt(plaintext, request.aad)
+            self._count(old, decryptions=1, size=len(plaintext))
+            self._count(new, encryptions=1, size=len(plaintext))
+            return b"OK " + b64encode(ciphertext) + b"\n", new.version
         if type(request) is Ping:
             return b"OK PONG\n", None
         if type(request) is Info:
@@ -109,43 +139,206 @@ class Dispatcher:
             return b"OK BYE\n", None
         raise InternalError("request needs the write path")
 
+    def _key_for(self, key_id: str, ciphertext: bytes) -> KeyVersion:
+        """The usable version a ciphertext names; a version the key lacks is BAD_CIPHERTEXT."""
+        store = self._store
+        version = ciphertext_version(ciphertext)
+        try:
+            return store.usable(key_id, version)
+        except KmsError as error:
+            if error.code == "NOT_FOUND" and store.exists(key_id):
+                raise BadCiphertext() from None
+            raise
+
+    def _count(
+        self, key: KeyVersion, *, encryptions: int = 0, decryptions: int = 0, size: int
+    ) -> None:
+        usage = key.usage
+        usage.encryptions += encryptions
+        usage.decryptions += decryptions
+        usage.bytes += size
+        self._store.dirty.add(key.key_id)
+
     def _info(self, key_id: str) -> str:
-        record = self._store.record(key_id)
-        versions = [self._store.version(key_id, number) for number in record.versions]
+        store = self._store
+        record = store.record(key_id)
+        versions = []
+        exportable = False
+        for number in record.versions:
+            usage = record.usage(number)
+            entry: dict[str, Any] = {"version": number, "state": usage.state}
+            if usage.state != DESTROYED:
+                opened = store.version(key_id, number)
+                entry["created"] = opened.created
+                exportable = opened.exportable
+            entry |= {
+                "encryptions": usage.encryptions,
+                "decryptions": usage.decryptions,
+                "bytes": usage.bytes,
+            }
+            versions.append(entry)
         document = {
             "key_id": key_id,
             "latest": record.latest,
-            "exportable": versions[-1].exportable,
-            "versions": [{"version": v.version, "created": v.created} for v in versions],
+            "exportable": exportable,
+            "rotate_period": record.state.rotate_period,
+            "versions": versions,
         }
         return json.dumps(document, separators=(",", ":"))
 
-    async def respond_write(
-        self, request: Create | Rotate, run_blocking: ThreadRunner[Any]
-    ) -> Reply:
-        """``CREATE``/``ROTATE``: fsync'ed work in ``run_blocking``, cache update here.
+    # ----------------------------------------------------------------- writes
+
+    async def respond_write(self, request: Request[Any], run_blocking: ThreadRunner[Any]) -> Reply:
+        """A request that changes the store: blocking work in ``run_blocking``.
 
         The caller serialises writes (one at a time), so version numbers cannot race.
         """
-        store = self._store
         try:
             if isinstance(request, Create):
-                if store.exists(request.key_id):
-                    raise KeyExists()
-                key_id, version, exportable = request.key_id, 1, request.exportable
-            else:
-                latest = store.version(request.key_id)
-                key_id, version, exportable = latest.key_id, latest.version + 1, latest.exportable
-
-            def write() -> KeyVersion:
-                return store.write_version(key_id, version, exportable)
-
-            opened: KeyVersion = await run_blocking(write)
-            store.add(opened)
-            log.info("%s %s: version %d written", request.verb, key_id, opened.version)
-            return format_ok(str(opened.version).encode()), opened.version
+                return await self._create(request, run_blocking)
+            if isinstance(request, Rotate):
+                return await self.rotate(request.key_id, run_blocking)
+            if isinstance(request, Retire | Restore | Destroy):
+                return await self._change_version_state(request, run_blocking)
+            if isinstance(request, Configure):
+                return await self._configure(request.key_id, request.rotate_period, run_blocking)
+            if isinstance(request, Rekey):
+                if self._rekeyer is None:
+                    raise InternalError("this daemon cannot rekey")
+                generation = await self._rekeyer(request.source, request.argument, run_blocking)
+                return format_ok(str(generation).encode()), None
+            raise InternalError("unknown write request")
         except KmsError as error:
             return format_error(error), None
         except Exception:
             log.exception("internal error while serving %s", request.verb)
             return format_error(InternalError()), None
+
+    async def _create(self, request: Create, run_blocking: ThreadRunner[Any]) -> Reply:
+        store = self._store
+        if store.exists(request.key_id):
+            raise KeyExists()
+        state = KeyState(rotate_period=request.rotate_period)
+        rotation = dict(store.rotation)
+        if request.rotate_period is not None:
+            rotation[request.key_id] = request.rotate_period
+
+        def write() -> KeyVersion:
+            with store.write_lock():
+                opened = store.write_version(request.key_id, 1, request.exportable)
+                state.usage[1] = opened.usage
+                store.write_state(request.key_id, state)
+                if request.rotate_period is not None:
+                    store.write_rotation(rotation)
+            return opened
+
+        opened: KeyVersion = await run_blocking(write)
+        record = store.add(opened, request.rotate_period)
+        record.state.rotate_period = request.rotate_period
+        store.rotation = rotation
+        log.info("CREATE %s: version 1 written", request.key_id)
+        return format_ok(b"1"), 1
+
+    async def rotate(self, key_id: str, run_blocking: ThreadRunner[Any]) -> Reply:
+        """Write the next version (also used by automatic rotation)."""
+        store = self._store
+        record = store.record(key_id)
+        latest = store.version(key_id) if record.latest in record.files else None
+        exportable = latest.exportable if latest else self._exportable(key_id)
+        number = record.latest + 1
+        state = KeyState(record.state.rotate_period, dict(record.state.usage))
+
+        def write() -> KeyVersion:
+            with store.write_lock():
+                opened = store.write_version(key_id, number, exportable)
+                state.usage[number] = opened.usage
+                store.write_state(key_id, state)
+            return opened
+
+        opened: KeyVersion = await run_blocking(write)
+        store.add(opened)
+        log.info("ROTATE %s: version %d written", key_id, number)
+        return format_ok(str(number).encode()), number
+
+    async def rotate_safely(self, key_id: str, run_blocking: ThreadRunner[Any]) -> Reply:
+        """:meth:`rotate` with every failure turned into an ``ERR`` line."""
+        return await self.respond_write(Rotate(key_id), run_blocking)
+
+    def rotations_due(self, now: float) -> list[str]:
+        """Keys with a rotation period whose latest version is at least that old."""
+        store = self._store
+        due = []
+        for key_id, period in list(store.rotation.items()):
+            try:
+                record = store.record(key_id)
+                created = store.version(key_id, record.latest).created
+            except KmsError:
+                continue
+            if now - parse_time(created) >= period:
+                due.append(key_id)
+        return due
+
+    def _exportable(self, key_id: str) -> bool:
+        store = self._store
+        record = store.record(key_id)
+        for number in reversed(record.files):
+            return store.version(key_id, number).exportable
+        return False
+
+    async def _change_version_state(
+        self, request: Retire | Restore | Destroy, run_blocking: ThreadRunner[Any]
+    ) -> Reply:
+        store = self._store
+        key_id, number = request.key_id, request.version
+        record = store.record(key_id)
+        if number not in record.versions:
+            raise KeyNotFound()
+        current = record.usage(number).state
+        if current == DESTROYED:
+            if isinstance(request, Destroy):
+                return format_ok(), number
+            raise Retired("key version was destroyed")
+        if isinstance(request, Destroy) and number == record.latest:
+            raise BadRequest("the latest version cannot be destroyed; rotate first")
+        target = {Retire: RETIRED, Restore: ACTIVE, Destroy: DESTROYED}[type(request)]
+        state = KeyState(record.state.rotate_period, dict(record.state.usage))
+        state.usage[number] = replace(record.usage(number), state=target)
+
+        def write() -> None:
+            with store.write_lock():
+                store.write_state(key_id, state)  # durable first: a crash leaves it destroyed
+                if target == DESTROYED:
+                    store.remove_version_file(key_id, number)
+
+        await run_blocking(write)
+        record.usage(number).state = target
+        if target == DESTROYED:
+            record.files = [v for v in record.files if v != number]
+            opened = record.opened.pop(number, None)
+            if opened is not None:
+                opened.wipe()
+        log.info("%s %s: version %d is now %s", request.verb, key_id, number, target)
+        return format_ok(), number
+
+    async def _configure(
+        self, key_id: str, period: int | None, run_blocking: ThreadRunner[Any]
+    ) -> Reply:
+        store = self._store
+        record = store.record(key_id)
+        state = KeyState(period, dict(record.state.usage))
+        rotation = dict(store.rotation)
+        if period is None:
+            rotation.pop(key_id, None)
+        else:
+            rotation[key_id] = period
+
+        def write() -> None:
+            with store.write_lock():
+                store.write_state(key_id, state)
+                store.write_rotation(rotation)
+
+        await run_blocking(write)
+        record.state.rotate_period = period
+        store.rotation = rotation
+        log.info("CONFIG %s: rotation period %s", key_id, period)
+        return format_ok(), None

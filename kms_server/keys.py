@@ -44,6 +44,21 @@ def ciphertext_version(ciphertext: bytes) -> int:
     return int.from_bytes(ciphertext[1:_HEADER_SIZE], "big")
 
 
+ACTIVE = "active"
+RETIRED = "retired"
+DESTROYED = "destroyed"
+
+
+@dataclass(slots=True)
+class VersionUsage:
+    """A version's state and usage counters, persisted in the key's state file."""
+
+    state: str = ACTIVE
+    encryptions: int = 0
+    decryptions: int = 0
+    bytes: int = 0
+
+
 @dataclass(eq=False, slots=True)
 class KeyVersion:
     """The material of one key version, opened from its sealed file.
@@ -57,6 +72,7 @@ class KeyVersion:
     created: str
     exportable: bool
     material: bytearray = field(repr=False)
+    usage: VersionUsage = field(default_factory=VersionUsage)
     _cipher: XAES256GCM | None = field(init=False, repr=False)
     _aad_head: bytes = field(init=False, repr=False)
 

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -64,6 +65,10 @@ class Limits:
     max_connections: int = 1024
     idle_timeout: float = 300.0
     grace_period: float = 10.0
+    #: How often usage counters are written to the key state files.
+    counter_flush_interval: float = 5.0
+    #: How often keys with an automatic rotation period are checked.
+    rotation_check_interval: float = 60.0
 
 
 def bind_unix_socket(path: Path, mode: int) -> socket.socket:
@@ -154,6 +159,8 @@ class Server:
                         handler_nursery=connections,
                     )
                 )
+                acceptor.start_soon(self._flush_counters_periodically)
+                acceptor.start_soon(self._rotate_periodically)
                 task_status.started()
                 await self._stop_requested.wait()
                 acceptor.cancel_scope.cancel()
@@ -162,6 +169,46 @@ class Server:
             for scope in self._waiting_for_input:
                 scope.deadline = min(scope.deadline, last_call)
             connections.cancel_scope.deadline = trio.current_time() + self._limits.grace_period
+        await self.flush_counters()
+
+    async def flush_counters(self) -> None:
+        """Write the usage counters that changed since the last flush (a worker thread)."""
+        store = self._dispatcher.store
+        if not store.dirty:
+            return
+        dirty, store.dirty = store.dirty, set()
+        snapshot = store.state_snapshot(dirty)
+
+        def write() -> None:
+            with store.write_lock():
+                for key_id, state in snapshot:
+                    store.write_state(key_id, state)
+
+        async with self._write_lock:
+            try:
+                await trio.to_thread.run_sync(write)
+            except OSError as exc:
+                store.dirty |= dirty
+                log.error("cannot write usage counters: %s; will retry", exc.strerror)
+
+    async def _flush_counters_periodically(self) -> None:
+        while True:
+            await trio.sleep(self._limits.counter_flush_interval)
+            await self.flush_counters()
+
+    async def _rotate_periodically(self) -> None:
+        """Rotate keys whose latest version is older than their rotation period."""
+        while True:
+            await trio.sleep(self._limits.rotation_check_interval)
+            for key_id in self._dispatcher.rotations_due(time.time()):
+                async with self._write_lock:
+                    reply, version = await self._dispatcher.rotate_safely(
+                        key_id, trio.to_thread.run_sync
+                    )
+                if version is not None:
+                    log.info("%s: rotated automatically to version %d", key_id, version)
+                else:
+                    log.error("%s: automatic rotation failed: %s", key_id, reply.decode().strip())
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         if self._connections >= self._limits.max_connections:

@@ -1,15 +1,21 @@
-# The sealed key store on disk: layout, store metadata, atomic durable writes, a lazy LRU cache.
+# The sealed key store on disk: generations, metadata, key and state files, a lazy LRU cache.
 # Blocking file I/O only; no sockets, no trio. Writes run in a worker thread, one at a time.
 """A key-per-file store whose file system is the index.
 
 Layout under the store directory (every directory 0700, every file 0600)::
 
-    kms-store.json            metadata: format, store id, KEK source and KDF, KEK check
-    .lock                     flock'ed by the one daemon that serves the store
-    keys/<key-id>/_v<N>.key   one sealed file per key version
+    .lock                          flock'ed by the one daemon serving the store;
+                                   holds that daemon's socket path
+    .write.lock                    flock'ed around every write, and by backups
+    live -> gen-3                  the live generation (a symlink, switched atomically)
+    gen-3/kms-store.json           metadata: format, store id, generation, KEK source
+                                   and KDF, KEK check value
+    gen-3/rotation.seal            sealed: keys with an automatic rotation period
+    gen-3/keys/<key-id>/_v<N>.key  one sealed file per key version
+    gen-3/keys/<key-id>/_state.seal  sealed: per-version state and usage counters
 
 A key id's ``/``-separated segments become directories. Segments start with a
-letter or digit, so the ``_v<N>.key`` names and ``.tmp-*`` files can never
+letter or digit, so ``_v<N>.key``, ``_state.seal`` and ``.tmp-*`` names never
 collide with a key id.
 
 A key file is::
@@ -19,11 +25,13 @@ A key file is::
 sealed under a key derived from the KEK, with the store id, key id, version and
 the whole header as additional data. A file copied to another name, another
 version or another store does not open; neither does a file with an edited
-header (creation time, exportable flag).
+header (creation time, exportable flag). State files and the rotation index are
+sealed the same way, bound to their key id.
 
-Writes go to a temporary file that is fsync'ed, then hard-linked to its final
-name (which fails if the name exists, so nothing is ever overwritten), then the
-directory is fsync'ed. A crash leaves the old state or the new one.
+Re-sealing everything under a new KEK (``rekey``) writes a whole new generation
+beside the live one, fsyncs it, and switches the ``live`` link with one atomic
+rename. Opening a store removes any generation that is not live: the remains of
+an interrupted rekey (rolled back) or the previous generation (finished).
 """
 
 from __future__ import annotations
@@ -36,15 +44,17 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kms_client.errors import InternalError, KeyExists, KeyNotFound
+from kms_client.errors import InternalError, KeyExists, KeyNotFound, Retired
 from kms_server.crypto import (
     KEY_SIZE,
     XAES256GCM,
@@ -52,18 +62,30 @@ from kms_server.crypto import (
     constant_time_equal,
     hkdf_sha256,
     random_bytes,
-    wipe,
 )
-from kms_server.keys import KeyVersion
+from kms_server.files import (
+    fsync_directory,
+    make_private_dirs,
+    remove_stale_temporaries,
+    replace_file,
+    write_new_file,
+)
+from kms_server.keys import ACTIVE, DESTROYED, KeyVersion, VersionUsage
 
 log = logging.getLogger("kmsd.store")
 
 STORE_FORMAT = "kms-store/1"
 METADATA_NAME = "kms-store.json"
 LOCK_NAME = ".lock"
+WRITE_LOCK_NAME = ".write.lock"
+LIVE_LINK = "live"
+GENERATION_PREFIX = "gen-"
 KEYS_DIR = "keys"
+STATE_NAME = "_state.seal"
+ROTATION_NAME = "rotation.seal"
 KEY_FILE_MAGIC = b"KMSK\x01"
 _KEY_FILE_RE = re.compile(r"_v([1-9][0-9]{0,9})\.key")
+_GENERATION_RE = re.compile(r"gen-([1-9][0-9]{0,9})")
 _WRAP_LABEL = b"kms/1 key file wrapping"
 _CHECK_LABEL = b"kms/1 KEK check value"
 DEFAULT_CACHE_KEYS = 10_000
@@ -74,7 +96,7 @@ class StoreError(Exception):
 
 
 class KeyFileDamaged(InternalError):
-    """A key file failed authentication: copied, edited or corrupted. Never served."""
+    """A key or state file failed authentication: copied, edited or corrupted. Never served."""
 
     default_message = "a key file failed its integrity check; see the daemon log"
 
@@ -83,88 +105,9 @@ def file_name(version: int) -> str:
     return f"_v{version}.key"
 
 
-# --------------------------------------------------------------------------- durable files
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_private_dirs(path: Path, stop_at: Path) -> None:
-    """Create ``path`` and missing parents below ``stop_at`` as 0700, durably."""
-    missing: list[Path] = []
-    probe = path
-    while probe != stop_at and not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for directory in reversed(missing):
-        try:
-            directory.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        fsync_directory(directory.parent)
-
-
-TEMPORARY_PREFIX = ".tmp-"
-
-
-def temporary_path(path: Path) -> Path:
-    """A temporary name beside ``path`` carrying our pid, so leftovers can be told apart."""
-    return path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-{path.name}-{uuid.uuid4().hex}"
-
-
-def remove_stale_temporaries(directory: Path, names: list[str]) -> None:
-    """Unlink temporary files left by a writer that died (another pid) in ``directory``.
-
-    The store is locked by one daemon, so a temporary file of another pid can
-    only be the remains of a crash; ours may belong to a write in progress.
-    """
-    ours = f"{TEMPORARY_PREFIX}{os.getpid()}-"
-    for name in names:
-        if name.startswith(TEMPORARY_PREFIX) and not name.startswith(ours):
-            with contextlib.suppress(FileNotFoundError):
-                (directory / name).unlink()
-                log.info("removed %s, left by an interrupted write", directory / name)
-
-
-def write_new_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to the new file ``path`` atomically and durably; never overwrite.
-
-    Raises :class:`FileExistsError` when ``path`` already exists.
-    """
-    temporary = temporary_path(path)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(temporary, path)
-    finally:
-        os.unlink(temporary)
-    fsync_directory(path.parent)
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably, replacing any old content."""
-    temporary = temporary_path(path)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    fsync_directory(path.parent)
+def parse_time(text: str) -> float:
+    """Seconds since the epoch of a ``YYYY-MM-DDTHH:MM:SSZ`` creation time."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
 # --------------------------------------------------------------------------- metadata
@@ -176,6 +119,7 @@ class StoreMetadata:
 
     store_id: str
     created: str
+    generation: int
     kek: dict[str, Any]
     kek_check: str
     format: str = STORE_FORMAT
@@ -185,6 +129,7 @@ class StoreMetadata:
             "format": self.format,
             "store_id": self.store_id,
             "created": self.created,
+            "generation": self.generation,
             "kek": self.kek,
             "kek_check": self.kek_check,
         }
@@ -197,6 +142,7 @@ class StoreMetadata:
             metadata = cls(
                 store_id=str(document["store_id"]),
                 created=str(document["created"]),
+                generation=int(document["generation"]),
                 kek=dict(document["kek"]),
                 kek_check=str(document["kek_check"]),
                 format=str(document["format"]),
@@ -209,23 +155,73 @@ class StoreMetadata:
             raise StoreError(f"store metadata {METADATA_NAME} names no KEK source")
         return metadata
 
+    def for_new_kek(self, kek: bytes | bytearray, description: dict[str, Any]) -> StoreMetadata:
+        return replace(
+            self,
+            generation=self.generation + 1,
+            kek=description,
+            kek_check=kek_check_value(kek, self.store_id),
+        )
+
 
 def kek_check_value(kek: bytes | bytearray, store_id: str) -> str:
     value = hkdf_sha256(kek, _CHECK_LABEL + b"\x00" + store_id.encode())
     return base64.b64encode(value).decode()
 
 
+def live_generation(store_dir: Path) -> Path:
+    """The directory of the live generation, as the ``live`` link names it."""
+    try:
+        target = os.readlink(store_dir / LIVE_LINK)
+    except FileNotFoundError:
+        if not store_dir.is_dir():
+            raise StoreError(f"store directory {store_dir} does not exist") from None
+        raise StoreError(
+            f"{store_dir} is not a key store (no {LIVE_LINK}); run `kmsd init`"
+        ) from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {store_dir / LIVE_LINK}: {exc.strerror}") from None
+    if _GENERATION_RE.fullmatch(target) is None:
+        raise StoreError(f"{store_dir / LIVE_LINK} points to {target!r}, not a generation")
+    return store_dir / target
+
+
 def read_metadata(store_dir: Path) -> StoreMetadata:
-    path = store_dir / METADATA_NAME
+    generation = live_generation(store_dir)
+    path = generation / METADATA_NAME
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise StoreError(
-            f"{store_dir} is not a key store (no {METADATA_NAME}); run `kmsd init`"
-        ) from None
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from None
     return StoreMetadata.from_json(data)
+
+
+def switch_live(store_dir: Path, generation: Path) -> None:
+    """Point ``live`` at ``generation`` with one atomic rename, durably."""
+    temporary = store_dir / f".live-{uuid.uuid4().hex}"
+    os.symlink(generation.name, temporary)
+    os.replace(temporary, store_dir / LIVE_LINK)
+    fsync_directory(store_dir)
+
+
+def remove_other_generations(store_dir: Path) -> list[str]:
+    """Remove every generation but the live one, and stray link temporaries.
+
+    Call only while holding the store lock. Returns what was removed.
+    """
+    live = live_generation(store_dir).name
+    removed = []
+    for entry in os.scandir(store_dir):
+        stale_generation = _GENERATION_RE.fullmatch(entry.name) and entry.name != live
+        if stale_generation or entry.name.startswith(".live-"):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(entry.name)
+    if removed:
+        fsync_directory(store_dir)
+    return removed
 
 
 def init_store(
@@ -252,13 +248,28 @@ def init_store(
     metadata = StoreMetadata(
         store_id=store_id,
         created=now,
+        generation=1,
         kek=kek_description,
         kek_check=kek_check_value(kek, store_id),
     )
-    (store_dir / KEYS_DIR).mkdir(mode=0o700)
-    write_new_file(store_dir / METADATA_NAME, metadata.to_json())
-    fsync_directory(store_dir)
+    write_generation_skeleton(store_dir, metadata)
+    switch_live(store_dir, generation_directory(store_dir, 1))
     return metadata
+
+
+def generation_directory(store_dir: Path, generation: int) -> Path:
+    return store_dir / f"{GENERATION_PREFIX}{generation}"
+
+
+def write_generation_skeleton(store_dir: Path, metadata: StoreMetadata) -> Path:
+    """A new generation directory holding its metadata and an empty ``keys``."""
+    generation = generation_directory(store_dir, metadata.generation)
+    generation.mkdir(mode=0o700)
+    (generation / KEYS_DIR).mkdir(mode=0o700)
+    write_new_file(generation / METADATA_NAME, metadata.to_json())
+    fsync_directory(generation)
+    fsync_directory(store_dir)
+    return generation
 
 
 def check_private(store_dir: Path) -> None:
@@ -271,33 +282,151 @@ def check_private(store_dir: Path) -> None:
         )
 
 
-# --------------------------------------------------------------------------- key files
+@contextlib.contextmanager
+def locked(path: Path, *, blocking: bool) -> Iterator[int]:
+    """Hold an exclusive flock on ``path`` (created 0600) for the ``with`` block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StoreError(f"{path.parent} is in use by a running kmsd") from None
+            raise
+        yield fd
+    finally:
+        os.close(fd)
 
 
-def _key_file_aad(store_id: str, key_id: str, version: int, head: bytes) -> bytes:
-    return (
-        b"kms/1 key file\x00"
-        + store_id.encode()
-        + b"\x00"
-        + key_id.encode("ascii")
-        + b"\x00"
-        + version.to_bytes(4, "big")
-        + head
-    )
+def serving_socket(store_dir: Path) -> str | None:
+    """The socket path a running daemon wrote into the store lock, if any."""
+    try:
+        text = (store_dir / LOCK_NAME).read_text().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+# --------------------------------------------------------------------------- sealing
+
+
+class Sealer:
+    """Seals and opens the files of one store generation under a key derived from its KEK."""
+
+    def __init__(self, kek: bytes | bytearray, store_id: str) -> None:
+        self._wrapper = XAES256GCM(hkdf_sha256(kek, _WRAP_LABEL))
+        self._store_id = store_id.encode()
+
+    def __repr__(self) -> str:
+        return "<Sealer key=hidden>"
+
+    def _aad(self, kind: bytes, key_id: str, version: int, head: bytes) -> bytes:
+        return (
+            b"kms/1 "
+            + kind
+            + b"\x00"
+            + self._store_id
+            + b"\x00"
+            + key_id.encode("ascii")
+            + b"\x00"
+            + version.to_bytes(4, "big")
+            + head
+        )
+
+    def seal_key_file(self, version: KeyVersion) -> bytes:
+        header = json.dumps({"created": version.created, "exportable": version.exportable})
+        head = KEY_FILE_MAGIC + len(header).to_bytes(2, "big") + header.encode()
+        aad = self._aad(b"key file", version.key_id, version.version, head)
+        return head + self._wrapper.seal(bytes(version.material), aad)
+
+    def open_key_file(self, key_id: str, version: int, data: bytes, path: Path) -> KeyVersion:
+        try:
+            if not data.startswith(KEY_FILE_MAGIC):
+                raise ValueError("bad magic")
+            head = data[: 7 + int.from_bytes(data[5:7], "big")]
+            header = json.loads(head[7:])
+            aad = self._aad(b"key file", key_id, version, head)
+            material = bytearray(self._wrapper.open(data[len(head) :], aad))
+            created, exportable = header["created"], header["exportable"]
+            if not isinstance(created, str) or not isinstance(exportable, bool):
+                raise TypeError("bad header")
+        except (ValueError, KeyError, TypeError, AuthenticationFailed):
+            log.error("key file %s failed its integrity check: refusing to serve it", path)
+            raise KeyFileDamaged() from None
+        return KeyVersion(key_id, version, created, exportable, material)
+
+    def seal_document(self, kind: bytes, name: str, document: dict[str, Any]) -> bytes:
+        return self._wrapper.seal(json.dumps(document).encode(), self._aad(kind, name, 0, b""))
+
+    def open_document(self, kind: bytes, name: str, data: bytes, path: Path) -> dict[str, Any]:
+        try:
+            document = json.loads(self._wrapper.open(data, self._aad(kind, name, 0, b"")))
+            if not isinstance(document, dict):
+                raise TypeError("not an object")
+        except (ValueError, TypeError, AuthenticationFailed):
+            log.error("%s failed its integrity check: refusing to use it", path)
+            raise KeyFileDamaged() from None
+        return document
+
+
+# --------------------------------------------------------------------------- key state
+
+
+@dataclass
+class KeyState:
+    """A key's mutable facts: its rotation period and each version's state and counters."""
+
+    rotate_period: int | None = None
+    usage: dict[int, VersionUsage] = field(default_factory=dict)
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "rotate_period": self.rotate_period,
+            "versions": {
+                str(number): {
+                    "state": usage.state,
+                    "encryptions": usage.encryptions,
+                    "decryptions": usage.decryptions,
+                    "bytes": usage.bytes,
+                }
+                for number, usage in sorted(self.usage.items())
+            },
+        }
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> KeyState:
+        period = document.get("rotate_period")
+        state = cls(rotate_period=period if isinstance(period, int) else None)
+        for number, entry in dict(document.get("versions", {})).items():
+            state.usage[int(number)] = VersionUsage(
+                state=str(entry["state"]),
+                encryptions=int(entry["encryptions"]),
+                decryptions=int(entry["decryptions"]),
+                bytes=int(entry["bytes"]),
+            )
+        return state
 
 
 @dataclass
 class KeyRecord:
-    """What the cache knows of one key: its versions on disk and those opened so far."""
+    """What the cache knows of one key: versions on disk, its state, versions opened so far."""
 
     key_id: str
-    directory: Path
-    versions: list[int]
+    files: list[int]
+    state: KeyState
     opened: dict[int, KeyVersion] = field(default_factory=dict)
+
+    @property
+    def versions(self) -> list[int]:
+        """Every version the key has had, destroyed ones included."""
+        return sorted(set(self.files) | set(self.state.usage))
 
     @property
     def latest(self) -> int:
         return self.versions[-1]
+
+    def usage(self, version: int) -> VersionUsage:
+        return self.state.usage.setdefault(version, VersionUsage())
 
     def wipe(self) -> None:
         for version in self.opened.values():
@@ -305,13 +434,16 @@ class KeyRecord:
         self.opened.clear()
 
 
+# --------------------------------------------------------------------------- the store
+
+
 class KeyStore:
     """An opened store: verifies the KEK, then opens key versions lazily and caches them.
 
-    Start-up reads only the metadata, so it costs the same for ten keys or a
-    million. A key's directory is listed on first use, a version's file is
-    opened on first use; both stay in an LRU cache of ``cache_keys`` keys
-    whose material is wiped on eviction.
+    Start-up reads only the metadata and the rotation index, so it costs the
+    same for ten keys or a million. A key's directory is listed on first use, a
+    version's file opened on first use; both stay in an LRU cache of
+    ``cache_keys`` keys whose material is wiped on eviction.
     """
 
     def __init__(
@@ -323,31 +455,31 @@ class KeyStore:
         cache_keys: int = DEFAULT_CACHE_KEYS,
     ) -> None:
         self.directory = store_dir
-        self.metadata = read_metadata(store_dir)
         check_private(store_dir)
+        self.metadata = read_metadata(store_dir)
         expected = self.metadata.kek_check.encode()
         if not constant_time_equal(kek_check_value(kek, self.metadata.store_id).encode(), expected):
             raise StoreError("wrong KEK: it does not match the store's check value")
-        self._keys_dir = store_dir / KEYS_DIR
-        self._wrapper = XAES256GCM(hkdf_sha256(kek, _WRAP_LABEL))
+        self._lock = locked(store_dir / LOCK_NAME, blocking=False)
+        self._lock_fd = self._lock.__enter__()
+        for name in remove_other_generations(store_dir):
+            log.info("removed %s: left by an interrupted or finished rekey", name)
+        self.generation = live_generation(store_dir)
+        self.sealer = Sealer(kek, self.metadata.store_id)
         self._clock = clock
         self._cache: OrderedDict[str, KeyRecord] = OrderedDict()
         self._cache_keys = cache_keys
-        self._lock_fd = self._take_lock()
+        self.rotation = self._read_rotation()
+        #: Keys whose usage counters changed since the last flush.
+        self.dirty: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<KeyStore {str(self.directory)!r} cached={len(self._cache)}>"
 
-    def _take_lock(self) -> int:
-        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StoreError(f"{self.directory} is in use by another kmsd") from None
-            raise
-        return fd
+    def announce(self, socket_path: Path) -> None:
+        """Record the serving socket in the lock file, for `kmsd rekey` to find us."""
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{socket_path.absolute()}\n".encode(), 0)
 
     def close(self) -> None:
         """Wipe every cached key and release the store lock."""
@@ -355,27 +487,47 @@ class KeyStore:
             record.wipe()
         self._cache.clear()
         if self._lock_fd >= 0:
-            os.close(self._lock_fd)
+            os.ftruncate(self._lock_fd, 0)
+            self._lock.__exit__(None, None, None)
             self._lock_fd = -1
+
+    def write_lock(self) -> contextlib.AbstractContextManager[int]:
+        """Exclusive with other writers and with backups (blocking: worker threads only)."""
+        return locked(self.directory / WRITE_LOCK_NAME, blocking=True)
 
     # ----------------------------------------------------------------- reading
 
-    def _key_directory(self, key_id: str) -> Path:
-        return self._keys_dir.joinpath(*key_id.split("/"))
+    def key_directory(self, key_id: str) -> Path:
+        return self.generation.joinpath(KEYS_DIR, *key_id.split("/"))
+
+    def _read_rotation(self) -> dict[str, int]:
+        path = self.generation / ROTATION_NAME
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        document = self.sealer.open_document(b"rotation", "", data, path)
+        return {str(key): int(period) for key, period in document.items()}
 
     def _scan(self, key_id: str) -> KeyRecord | None:
-        directory = self._key_directory(key_id)
+        directory = self.key_directory(key_id)
         try:
             names = os.listdir(directory)
         except (FileNotFoundError, NotADirectoryError):
             return None
         remove_stale_temporaries(directory, names)
-        versions = sorted(
+        files = sorted(
             int(match.group(1)) for name in names if (match := _KEY_FILE_RE.fullmatch(name))
         )
-        if not versions:
+        state = KeyState()
+        if STATE_NAME in names:
+            path = directory / STATE_NAME
+            state = KeyState.from_document(
+                self.sealer.open_document(b"state", key_id, path.read_bytes(), path)
+            )
+        if not files and not state.usage:
             return None
-        return KeyRecord(key_id, directory, versions)
+        return KeyRecord(key_id, files, state)
 
     def record(self, key_id: str) -> KeyRecord:
         """The cached record of ``key_id``, listing its directory on a miss."""
@@ -393,57 +545,45 @@ class KeyStore:
         self._cache[record.key_id] = record
         self._cache.move_to_end(record.key_id)
         while len(self._cache) > self._cache_keys:
-            _, evicted = self._cache.popitem(last=False)
+            evicted_id, evicted = self._cache.popitem(last=False)
+            if evicted_id in self.dirty:  # keep counters to flush: re-insert, evict another
+                self._cache[evicted_id] = evicted
+                self._cache.move_to_end(evicted_id, last=False)
+                break
             evicted.wipe()
 
     def version(self, key_id: str, version: int | None = None) -> KeyVersion:
-        """An opened key version (the latest when ``version`` is None)."""
+        """An opened key version (the latest when ``version`` is None), whatever its state."""
         record = self.record(key_id)
         number = record.latest if version is None else version
         opened = record.opened.get(number)
         if opened is not None:
             return opened
-        if number not in record.versions:
+        if number not in record.files:
+            if record.usage(number).state == DESTROYED:
+                raise Retired("key version was destroyed")
             raise KeyNotFound()
-        opened = self._open_file(key_id, number, record.directory / file_name(number))
-        record.opened[number] = opened
-        return opened
-
-    def _open_file(self, key_id: str, version: int, path: Path) -> KeyVersion:
+        path = self.key_directory(key_id) / file_name(number)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise KeyNotFound() from None
-        try:
-            if not data.startswith(KEY_FILE_MAGIC):
-                raise ValueError("bad magic")
-            head_length = int.from_bytes(data[5:7], "big")
-            head = data[: 7 + head_length]
-            header = json.loads(head[7:])
-            material = bytearray(
-                self._wrapper.open(
-                    data[len(head) :],
-                    _key_file_aad(self.metadata.store_id, key_id, version, head),
-                )
-            )
-            created = header["created"]
-            exportable = header["exportable"]
-            if not isinstance(created, str) or not isinstance(exportable, bool):
-                raise TypeError("bad header")
-        except (ValueError, KeyError, TypeError, AuthenticationFailed):
-            log.error("key file %s failed its integrity check: refusing to serve it", path)
-            raise KeyFileDamaged() from None
-        return KeyVersion(key_id, version, created, exportable, material)
+        opened = self.sealer.open_key_file(key_id, number, data, path)
+        opened.usage = record.usage(number)
+        record.opened[number] = opened
+        return opened
+
+    def usable(self, key_id: str, version: int | None = None) -> KeyVersion:
+        """Like :meth:`version`, but a retired or destroyed version is ``ERR RETIRED``."""
+        opened = self.version(key_id, version)
+        if opened.usage.state != ACTIVE:
+            raise Retired()
+        return opened
+
+    def exists(self, key_id: str) -> bool:
+        return key_id in self._cache or self._scan(key_id) is not None
 
     # ----------------------------------------------------------------- writing (worker thread)
-
-    def _seal_file(
-        self, key_id: str, version: int, created: str, exportable: bool, material: bytearray
-    ) -> bytes:
-        header = json.dumps({"created": created, "exportable": exportable}).encode()
-        head = KEY_FILE_MAGIC + len(header).to_bytes(2, "big") + header
-        aad = _key_file_aad(self.metadata.store_id, key_id, version, head)
-        return head + self._wrapper.seal(bytes(material), aad)
 
     def write_version(self, key_id: str, version: int, exportable: bool) -> KeyVersion:
         """Seal fresh material as a new version file. Blocking (fsync): run in a worker thread.
@@ -452,27 +592,79 @@ class KeyStore:
         publishes the result with :meth:`add` once back on the loop.
         Raises :class:`KeyExists` if that version's file already exists.
         """
-        directory = self._key_directory(key_id)
-        make_private_dirs(directory, self._keys_dir)
-        created = self._clock()
+        directory = self.key_directory(key_id)
+        make_private_dirs(directory, self.generation / KEYS_DIR)
         material = bytearray(random_bytes(KEY_SIZE))
-        sealed = self._seal_file(key_id, version, created, exportable, material)
+        opened = KeyVersion(key_id, version, self._clock(), exportable, material)
         try:
-            write_new_file(directory / file_name(version), sealed)
+            write_new_file(directory / file_name(version), self.sealer.seal_key_file(opened))
         except FileExistsError:
-            wipe(material)
+            opened.wipe()
             raise KeyExists() from None
-        return KeyVersion(key_id, version, created, exportable, material)
+        return opened
 
-    def exists(self, key_id: str) -> bool:
-        return key_id in self._cache or self._scan(key_id) is not None
+    def write_state(self, key_id: str, state: KeyState) -> None:
+        """Persist a key's state file (blocking: worker thread)."""
+        document = self.sealer.seal_document(b"state", key_id, state.to_document())
+        replace_file(self.key_directory(key_id) / STATE_NAME, document)
 
-    def add(self, opened: KeyVersion) -> None:
+    def write_rotation(self, rotation: dict[str, int]) -> None:
+        """Persist the rotation index (blocking: worker thread)."""
+        document = self.sealer.seal_document(b"rotation", "", dict(rotation))
+        replace_file(self.generation / ROTATION_NAME, document)
+
+    def remove_version_file(self, key_id: str, version: int) -> None:
+        """Crypto-shred one version: unlink its sealed file, durably (worker thread)."""
+        directory = self.key_directory(key_id)
+        with contextlib.suppress(FileNotFoundError):
+            (directory / file_name(version)).unlink()
+        fsync_directory(directory)
+
+    def add(self, opened: KeyVersion, rotate_period: int | None = None) -> KeyRecord:
         """Publish a version just written by :meth:`write_version` to the cache."""
         record = self._cache.get(opened.key_id) or self._scan(opened.key_id)
         if record is None:
-            record = KeyRecord(opened.key_id, self._key_directory(opened.key_id), [])
+            record = KeyRecord(opened.key_id, [], KeyState(rotate_period=rotate_period))
         self._remember(record)
-        if opened.version not in record.versions:
-            record.versions = sorted([*record.versions, opened.version])
+        if opened.version not in record.files:
+            record.files = sorted([*record.files, opened.version])
+        opened.usage = record.usage(opened.version)
         record.opened[opened.version] = opened
+        return record
+
+    def state_snapshot(self, key_ids: set[str]) -> list[tuple[str, KeyState]]:
+        """Copies of the states of ``key_ids`` still cached, for a flush in a worker thread."""
+        snapshot = []
+        for key_id in key_ids:
+            record = self._cache.get(key_id)
+            if record is not None:
+                state = KeyState(
+                    record.state.rotate_period,
+                    {number: replace(usage) for number, usage in record.state.usage.items()},
+                )
+                snapshot.append((key_id, state))
+        return snapshot
+
+    def adopt_generation(self, generation: Path, metadata: StoreMetadata, sealer: Sealer) -> None:
+        """Serve from a generation a rekey just made live. Cached keys stay valid."""
+        self.generation = generation
+        self.metadata = metadata
+        self.sealer = sealer
+
+    def key_ids(self) -> Iterator[str]:
+        """Every key id in the live generation (walks the directory tree)."""
+        yield from walk_key_ids(self.generation / KEYS_DIR)
+
+
+def walk_key_ids(keys_dir: Path) -> Iterator[str]:
+    for directory, _, names in os.walk(keys_dir):
+        if any(_KEY_FILE_RE.fullmatch(name) for name in names) or STATE_NAME in names:
+            yield Path(directory).relative_to(keys_dir).as_posix()
+
+
+def key_file_versions(directory: Path) -> list[int]:
+    return sorted(
+        int(match.group(1))
+        for name in os.listdir(directory)
+        if (match := _KEY_FILE_RE.fullmatch(name))
+    )

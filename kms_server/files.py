@@ -1,0 +1,100 @@
+# Durable file primitives: atomic no-clobber writes, atomic replacement, fsync'ed directories.
+# Knows nothing of keys or formats; every caller that must survive a crash writes through here.
+"""Atomic and durable file writes.
+
+A write goes to a temporary file (named with our pid, so a crash's leftovers can
+be told from a write in progress), is fsync'ed, then linked (no clobber) or
+renamed (replace) to its final name, and the directory is fsync'ed. A crash at
+any instant leaves the old state or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from pathlib import Path
+
+log = logging.getLogger("kmsd.files")
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_private_dirs(path: Path, stop_at: Path) -> None:
+    """Create ``path`` and missing parents below ``stop_at`` as 0700, durably."""
+    missing: list[Path] = []
+    probe = path
+    while probe != stop_at and not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        fsync_directory(directory.parent)
+
+
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def temporary_path(path: Path) -> Path:
+    """A temporary name beside ``path`` carrying our pid, so leftovers can be told apart."""
+    return path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-{path.name}-{uuid.uuid4().hex}"
+
+
+def remove_stale_temporaries(directory: Path, names: list[str]) -> None:
+    """Unlink temporary files left by a writer that died (another pid) in ``directory``.
+
+    The store is locked by one daemon, so a temporary file of another pid can
+    only be the remains of a crash; ours may belong to a write in progress.
+    """
+    ours = f"{TEMPORARY_PREFIX}{os.getpid()}-"
+    for name in names:
+        if name.startswith(TEMPORARY_PREFIX) and not name.startswith(ours):
+            with contextlib.suppress(FileNotFoundError):
+                (directory / name).unlink()
+                log.info("removed %s, left by an interrupted write", directory / name)
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to the new file ``path`` atomically and durably; never overwrite.
+
+    Raises :class:`FileExistsError` when ``path`` already exists.
+    """
+    temporary = temporary_path(path)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temporary, path)
+    finally:
+        os.unlink(temporary)
+    fsync_directory(path.parent)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably, replacing any old content."""
+    temporary = temporary_path(path)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    fsync_directory(path.parent)
