@@ -51,6 +51,7 @@ from kms_server.store import (
     StoreError,
     init_store,
     locked,
+    new_store_id,
     read_metadata,
     serving_socket,
 )
@@ -171,10 +172,11 @@ def init(
             },
         )
         source = settings.kek_source()
-        description = source.describe_new()
-        kek = source.obtain(description)
+        store_id = new_store_id()
+        description = source.describe_new(store_id)
+        kek = source.obtain(description, store_id)
         try:
-            metadata = init_store(store, kek, description, utc_now())
+            metadata = init_store(store, kek, description, utc_now(), store_id=store_id)
         finally:
             wipe(kek)
         click.echo(f"initialised store {store} (id {metadata.store_id}, KEK source: {source.kind})")
@@ -204,7 +206,7 @@ def open_store(settings: Settings) -> KeyStore:
     store_dir = settings.require_store()
     source = settings.kek_source()
     metadata = read_metadata(store_dir)
-    kek = obtain_for_store(source, metadata.kek)
+    kek = obtain_for_store(source, metadata.kek, metadata.store_id)
     try:
         return KeyStore(store_dir, kek, clock=utc_now)
     finally:
@@ -459,7 +461,7 @@ def rekey(
         old_kek = None
         if old_kek_file is not None or old_passphrase_command is not None:
             old_source = kek_source_from(old_kek_file, old_passphrase_command, passphrase_timeout)
-            old_kek = obtain_for_store(old_source, metadata.kek)
+            old_kek = obtain_for_store(old_source, metadata.kek, metadata.store_id)
             maintenance.check_kek(metadata, old_kek)
         serving = socket_path or serving_socket(store)
         if serving is not None and store_in_use(store):
@@ -473,8 +475,8 @@ def rekey(
                 "no daemon serves this store: give the current KEK "
                 "(--old-kek-file or --old-passphrase-command)"
             )
-        description = new_source.describe_new()
-        new_kek = new_source.obtain(description)
+        description = new_source.describe_new(metadata.store_id)
+        new_kek = new_source.obtain(description, metadata.store_id)
         try:
             generation = maintenance.rekey_offline(store, old_kek, new_kek, description)
         finally:
@@ -545,7 +547,8 @@ def verify(
     """Open every key version and check every seal; exit 6 on any damage."""
     with one_line_errors():
         source = kek_source_from(kek_file, passphrase_command, passphrase_timeout)
-        kek = obtain_for_store(source, read_metadata(store).kek)
+        metadata = read_metadata(store)
+        kek = obtain_for_store(source, metadata.kek, metadata.store_id)
         try:
             reports = maintenance.verify(store, kek)
         finally:

@@ -38,11 +38,11 @@ class KekSource(Protocol):
     def kind(self) -> str:
         """The source kind recorded in the store metadata: "file" or "passphrase"."""
 
-    def describe_new(self) -> dict[str, Any]:
-        """The metadata ``kmsd init`` records for a new store using this source."""
+    def describe_new(self, store_id: str = "") -> dict[str, Any]:
+        """The metadata ``kmsd init`` (or a rekey) records for a store using this source."""
 
-    def obtain(self, description: dict[str, Any]) -> bytearray:
-        """The KEK, given the store's recorded description. May block (KDF, command)."""
+    def obtain(self, description: dict[str, Any], store_id: str = "") -> bytearray:
+        """The KEK, given the store's recorded description. May block (KDF, command, HTTP)."""
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,10 @@ class KekFile:
     path: Path
     kind: str = "file"
 
-    def describe_new(self) -> dict[str, Any]:
+    def describe_new(self, store_id: str = "") -> dict[str, Any]:
         return {"kind": self.kind}
 
-    def obtain(self, description: dict[str, Any]) -> bytearray:
+    def obtain(self, description: dict[str, Any], store_id: str = "") -> bytearray:
         try:
             data = bytearray(self.path.read_bytes())
         except OSError as exc:
@@ -79,7 +79,7 @@ class PassphraseCommand:
     timeout: float = DEFAULT_COMMAND_TIMEOUT
     kind: str = "passphrase"
 
-    def describe_new(self) -> dict[str, Any]:
+    def describe_new(self, store_id: str = "") -> dict[str, Any]:
         return {
             "kind": self.kind,
             "kdf": "argon2id",
@@ -118,7 +118,7 @@ class PassphraseCommand:
             raise KekError("passphrase command printed an empty passphrase")
         return passphrase
 
-    def obtain(self, description: dict[str, Any]) -> bytearray:
+    def obtain(self, description: dict[str, Any], store_id: str = "") -> bytearray:
         try:
             salt = base64.b64decode(description["salt"], validate=True)
             iterations = int(description["iterations"])
@@ -136,7 +136,9 @@ class PassphraseCommand:
         )
 
 
-def obtain_for_store(source: KekSource, description: dict[str, Any]) -> bytearray:
+def obtain_for_store(
+    source: KekSource, description: dict[str, Any], store_id: str = ""
+) -> bytearray:
     """The KEK of an existing store, refusing a source of another kind than recorded."""
     recorded = description.get("kind")
     if recorded != source.kind:
@@ -144,7 +146,7 @@ def obtain_for_store(source: KekSource, description: dict[str, Any]) -> bytearra
             f"this store's KEK comes from a {recorded} source, not a {source.kind} source; "
             f"give {_OPTION_FOR_KIND.get(str(recorded), 'the matching KEK option')}"
         )
-    return source.obtain(description)
+    return source.obtain(description, store_id)
 
 
 _OPTION_FOR_KIND = {"file": "--kek-file", "passphrase": "--passphrase-command"}

@@ -322,9 +322,10 @@ def online_rekeyer(store: KeyStore, passphrase_timeout: float) -> Rekeyer:
         )
 
         def work() -> tuple[Path, StoreMetadata, Sealer]:
-            description = source.describe_new()
+            store_id = store.metadata.store_id
+            description = source.describe_new(store_id)
             try:
-                new_kek = source.obtain(description)
+                new_kek = source.obtain(description, store_id)
             except KekError as error:
                 log.error("REKEY refused: %s", error)
                 raise BadRequest("cannot obtain the new KEK; see the daemon log") from None

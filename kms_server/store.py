@@ -231,6 +231,7 @@ def init_store(
     now: str,
     *,
     tolerate: frozenset[str] = frozenset(),
+    store_id: str | None = None,
 ) -> StoreMetadata:
     """Create a new, empty store in ``store_dir``, which must be missing or empty.
 
@@ -244,7 +245,7 @@ def init_store(
         os.chmod(store_dir, 0o700)
     else:
         make_private_dirs(store_dir, Path(store_dir.anchor or "."))
-    store_id = str(uuid.uuid4())
+    store_id = store_id or new_store_id()
     metadata = StoreMetadata(
         store_id=store_id,
         created=now,
@@ -255,6 +256,10 @@ def init_store(
     write_generation_skeleton(store_dir, metadata)
     switch_live(store_dir, generation_directory(store_dir, 1))
     return metadata
+
+
+def new_store_id() -> str:
+    return str(uuid.uuid4())
 
 
 def generation_directory(store_dir: Path, generation: int) -> Path:
