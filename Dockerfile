@@ -10,7 +10,12 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kms_server ./kms_server
 COPY kms_client ./kms_client
-RUN python3 -m venv /opt/kms \
+# docker/wheels/ may hold pre-fetched wheels (docker/test.sh fills it where the build
+# cannot reach PyPI itself); when it does, the build installs from it alone.
+COPY docker/wheels /wheels
+RUN if ls /wheels/*.whl >/dev/null 2>&1; then \
+        export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
+    && python3 -m venv /opt/kms \
     && /opt/kms/bin/pip install --no-cache-dir --upgrade pip==24.2 \
     && /opt/kms/bin/pip install --no-cache-dir .
 
@@ -20,7 +25,7 @@ RUN groupadd --system --gid 990 kms \
     && useradd --system --uid 990 --gid kms --home-dir /var/lib/kms --shell /usr/sbin/nologin kms \
     && install -d -o kms -g kms -m 0700 /var/lib/kms \
     && install -d -o kms -g kms -m 0750 /run/kms
-COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/kmsd-entrypoint
+COPY docker/entrypoint.sh /usr/local/bin/kmsd-entrypoint
 ENV PATH=/opt/kms/bin:$PATH \
     KMS_SOCKET=/run/kms/kms.sock \
     PYTHONDONTWRITEBYTECODE=1

@@ -25,9 +25,16 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1 && ! docker pull -q "$BASE" >/
     rm -rf "$rootfs"
 fi
 
+# Fetch the wheels on the host (which can reach PyPI), so the build needs no network.
+rm -f docker/wheels/*.whl
+pip_host=(.venv/bin/python -m pip)
+[ -x .venv/bin/python ] || pip_host=(python3 -m pip)
+"${pip_host[@]}" download -q -d docker/wheels pip==24.2 setuptools wheel . 2>/dev/null
+rm -f docker/wheels/kms-*.tar.gz docker/wheels/kms-*.zip
 docker build -q -t "$IMAGE" . >/dev/null
 workdir=$(mktemp -d)
 cleanup() {
+    rm -f docker/wheels/*.whl docker/wheels/*.tar.gz
     docker rm -f "$RUN_ID" >/dev/null 2>&1 || true
     docker volume rm "$RUN_ID-store" "$RUN_ID-socket" >/dev/null 2>&1 || true
     rm -rf "$workdir"
