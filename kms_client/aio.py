@@ -4,18 +4,25 @@
 
 Tasks sharing one ``AsyncClient`` queue on a :class:`trio.Lock`, one exchange
 at a time. Repeatable requests are resent once on a fresh connection when the
-old one turns out dead; ``CREATE`` and ``ROTATE`` never are. ``timeout`` bounds
-one call (a cancel scope around connect, send, receive and the retry); when it
-expires, or the caller's own cancel scope fires mid-exchange, the connection is
-closed, because the reply still in flight would answer the next request.
+old one turns out dead; ``CREATE``, ``ROTATE`` and ``REKEY`` never are.
+``timeout`` bounds one call (a cancel scope around connect, send, receive and
+the retry); when it expires, or the caller's own cancel scope fires
+mid-exchange, the connection is closed, because the reply still in flight would
+answer the next request.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from contextlib import aclosing, contextmanager, suppress
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -24,9 +31,11 @@ import trio
 from kms_client.errors import ConnectionFailed, KmsError, ProtocolViolation, Timeout
 from kms_client.protocol import (
     DEFAULT_DATAKEY_BYTES,
+    Configure,
     Create,
     DataKey,
     Decrypt,
+    Destroy,
     Encrypt,
     GenerateDataKey,
     Get,
@@ -37,19 +46,28 @@ from kms_client.protocol import (
     LineFramer,
     Ping,
     Quit,
+    Rekey,
     Request,
+    Restore,
+    Retire,
+    Rewrap,
     Rotate,
     parse_response,
 )
 from kms_client.sync import (
     PIPELINE_BATCH,
     RESPONSE_MAX_LINE,
+    REWRAP_WINDOW,
     BrokenConnection,
+    Progress,
     check_request,
+    check_rewrap_arguments,
     collect_replies,
     connection_broken,
     expect_idle,
     next_reply_line,
+    rewrap_total,
+    rewrapped,
     settle,
 )
 
@@ -58,6 +76,27 @@ R = TypeVar("R")
 _RECEIVE_SIZE = 256 << 10
 #: How long ``aclose`` may spend saying QUIT before it closes anyway.
 _CLOSE_TIMEOUT = 1.0
+
+
+async def _windows(
+    items: Iterable[bytes] | AsyncIterable[bytes], size: int
+) -> AsyncGenerator[list[bytes], None]:
+    """Lists of up to ``size`` items, from a plain or an async iterable."""
+    batch: list[bytes] = []
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            batch.append(item)
+            if len(batch) == size:
+                yield batch
+                batch = []
+    else:
+        for item in items:
+            batch.append(item)
+            if len(batch) == size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
 
 
 class AsyncClient:
@@ -167,8 +206,8 @@ class AsyncClient:
                     if retried or not all(request.repeatable for request in pending):
                         raise ConnectionFailed(
                             f"connection to the key daemon broke after {len(results)} of"
-                            f" {len(requests)} replies; unanswered CREATE or ROTATE requests"
-                            " may have been applied"
+                            f" {len(requests)} replies; unanswered CREATE, ROTATE or REKEY"
+                            " requests may have been applied"
                         ) from broken
                     retried = True
             if any(isinstance(request, Quit) for request in requests):
@@ -187,9 +226,14 @@ class AsyncClient:
     async def help(self) -> tuple[str, ...]:
         return await self.call(Help())
 
-    async def create(self, key_id: str, exportable: bool = False) -> int:
-        """Create a key; returns its first version. Never retried automatically."""
-        return await self.call(Create(key_id, exportable))
+    async def create(
+        self, key_id: str, exportable: bool = False, rotate_period: int | None = None
+    ) -> int:
+        """Create a key; returns its first version. Never retried automatically.
+
+        ``rotate_period`` (seconds): rotate automatically when the latest version is older.
+        """
+        return await self.call(Create(key_id, exportable, rotate_period))
 
     async def rotate(self, key_id: str) -> int:
         """Add a version and make it current; returns it. Never retried automatically."""
@@ -209,6 +253,67 @@ class AsyncClient:
 
     async def datakey(self, key_id: str, nbytes: int = DEFAULT_DATAKEY_BYTES) -> DataKey:
         return await self.call(GenerateDataKey(key_id, nbytes))
+
+    async def rewrap(self, key_id: str, ciphertext: bytes, aad: bytes = b"") -> bytes:
+        """Re-encrypt under the key's latest version; the plaintext never leaves the daemon."""
+        return await self.call(Rewrap(key_id, ciphertext, aad))
+
+    def rewrap_many(
+        self,
+        key_id: str,
+        ciphertexts: Iterable[bytes] | AsyncIterable[bytes],
+        aad: bytes = b"",
+        progress: Progress | None = None,
+        window: int = REWRAP_WINDOW,
+    ) -> AsyncGenerator[bytes, None]:
+        """``async for`` every ciphertext rewrapped, in order, ``window`` pipelined at a time.
+
+        The same contract as :meth:`kms_client.Client.rewrap_many`; the input may
+        also be an async iterable (rows from an async database cursor). Wrap the
+        loop in ``contextlib.aclosing`` if you may leave it early.
+        """
+        check_rewrap_arguments(key_id, window)
+        return self._rewrap_windows(key_id, ciphertexts, aad, progress, window)
+
+    async def _rewrap_windows(
+        self,
+        key_id: str,
+        ciphertexts: Iterable[bytes] | AsyncIterable[bytes],
+        aad: bytes,
+        progress: Progress | None,
+        window: int,
+    ) -> AsyncGenerator[bytes, None]:
+        total = rewrap_total(ciphertexts)
+        done = 0
+        # Closed here, not by the garbage collector, when we stop early (an ERR, a break).
+        async with aclosing(_windows(ciphertexts, window)) as windows:
+            async for batch in windows:
+                requests = [Rewrap(key_id, ciphertext, aad) for ciphertext in batch]
+                for ciphertext in rewrapped(await self.pipeline(requests)):
+                    yield ciphertext
+                    done += 1
+                if progress is not None:
+                    progress(done, total)
+
+    async def retire(self, key_id: str, version: int) -> None:
+        """Forbid every use of a version (its sealed file is kept); idempotent."""
+        await self.call(Retire(key_id, version))
+
+    async def restore(self, key_id: str, version: int) -> None:
+        """Undo :meth:`retire`; idempotent. A destroyed version raises ``Retired``."""
+        await self.call(Restore(key_id, version))
+
+    async def destroy(self, key_id: str, version: int) -> None:
+        """Erase a version's material for good (not the latest); idempotent."""
+        await self.call(Destroy(key_id, version))
+
+    async def configure(self, key_id: str, rotate_period: int | None) -> None:
+        """Set the automatic rotation period in seconds, or turn it off with ``None``."""
+        await self.call(Configure(key_id, rotate_period))
+
+    async def rekey(self, source: str, argument: str) -> int:
+        """Re-seal the store under a new KEK the daemon obtains itself (see ``Client.rekey``)."""
+        return await self.call(Rekey(source, argument))
 
     # ------------------------------------------------------------------ plumbing
 

@@ -10,11 +10,12 @@ code  meaning
 ====  ======================================================================
 0     success
 1     an error code this client does not know (a newer daemon)
-2     usage error (click)
+2     usage error (click), or ``kms destroy`` not confirmed
 3     cannot connect to the daemon, or the connection broke (CONNECTION_FAILED)
 4     the daemon did not answer in time (TIMEOUT)
 5     local I/O error (standard input/output, e.g. a broken pipe), or the
-      input of ``kms encrypt``/``kms decrypt`` is empty, damaged or truncated
+      input of ``kms encrypt``/``kms decrypt`` is empty, damaged or truncated,
+      or a line of ``kms rewrap``'s input is not base64
 6     the daemon's reply does not follow the protocol (PROTOCOL_VIOLATION)
 10    BAD_REQUEST
 11    UNKNOWN_COMMAND
@@ -50,6 +51,15 @@ cut at a record boundary, or with data after its final record, is reported as
 damaged (exit 5). ``kms decrypt`` writes plaintext as each record opens: when it
 fails, discard what it wrote. Input that does not start with ``KMSS`` 0x01 is
 taken as one raw ENC ciphertext and decrypted with the user AAD as given.
+
+Rewrap input and output (``kms rewrap``)
+----------------------------------------
+One standard base64 ciphertext per line in, the same ciphertext re-encrypted
+under the key's latest version per line out, in the same order (white space
+around a line is ignored; an empty line is an error). Lines are sent in
+pipelined windows (``Client.rewrap_many``) and written as each window returns.
+On failure, standard output holds exactly the rewrapped lines before the failing
+one, and the error names the failing line's number.
 """
 
 from __future__ import annotations
@@ -60,7 +70,9 @@ import errno
 import json
 import os
 import secrets
+import stat
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -84,6 +96,9 @@ from kms_client.protocol import (
     MAX_VERSION,
     Decrypt,
     Encrypt,
+    b64decode_strict,
+    b64encode,
+    parse_period,
     validate_key_id,
 )
 from kms_client.sync import Client
@@ -131,12 +146,18 @@ _LENGTH_SIZE = 4
 PIPELINE_DEPTH = 4
 #: Largest raw ciphertext whose DEC line (base64, 4/3 larger) fits the daemon's line limit.
 MAX_RAW_CIPHERTEXT = (DEFAULT_MAX_LINE - 1024) // 4 * 3
+#: Longest input line of ``kms rewrap`` (base64 of the largest ciphertext, CRLF, white space).
+MAX_REWRAP_LINE = DEFAULT_MAX_LINE
 
 
 class LocalError(Exception):
     """A failure on our side of the socket; always exit status ``EXIT_CODES[LOCAL]``."""
 
     code = LOCAL
+
+
+class UsageProblem(Exception):
+    """A request we refuse before connecting (an unconfirmed ``destroy``): exit 2, one line."""
 
 
 class StreamDamaged(LocalError):
@@ -329,6 +350,138 @@ def _decrypt_raw(
     write_out(sink, client.decrypt(key_id, ciphertext, user_aad))
 
 
+# ---------------------------------------------------------------------- rewrap input
+
+
+class CiphertextLines:
+    """Iterates the ciphertexts of ``kms rewrap``'s input, one base64 line each.
+
+    A line that is not base64 ends the iteration *cleanly* and is kept in
+    :attr:`error`, so every line before it is still rewrapped and written; the
+    caller raises the error afterwards.
+    """
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self._source = source
+        self.count = 0
+        self.error: LocalError | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        while raw := self._readline():
+            self.count += 1
+            token = raw.strip()
+            try:
+                ciphertext = b64decode_strict(token) if token else None
+            except KmsError:
+                ciphertext = None
+            if ciphertext is None or len(raw) > MAX_REWRAP_LINE:
+                self.error = LocalError(f"line {self.count}: not a base64 ciphertext")
+                return
+            yield ciphertext
+
+    def _readline(self) -> bytes:
+        """The next line, or a prefix one byte too long to be a ciphertext (never unbounded)."""
+        try:
+            return self._source.readline(MAX_REWRAP_LINE + 1)
+        except OSError as exc:
+            raise LocalError(f"cannot read standard input: {exc.strerror or exc}") from exc
+
+
+def count_lines(source: IO[bytes]) -> int | None:
+    """Lines left in ``source`` when it is a regular file (then rewound), else ``None``."""
+    try:
+        if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+            return None
+        start = source.tell()
+        count, last = 0, b"\n"
+        while chunk := source.read(1 << 20):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+        source.seek(start)
+    except (OSError, ValueError):
+        return None
+    return count + (last != b"\n")
+
+
+class ProgressMeter:
+    """``kms rewrap: 1200/5000 (24%)`` redrawn in place on a terminal, at most 10 times a second."""
+
+    def __init__(self, terminal: IO[str], total: int | None) -> None:
+        self._terminal = terminal
+        self._total = total
+        self._done = 0
+        self._drawn_at = -1.0
+        self._shown: int | None = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        self._done = done
+        if self._total is None:
+            self._total = total
+        if time.monotonic() - self._drawn_at >= 0.1:
+            self._draw()
+
+    def _draw(self) -> None:
+        done, total = self._done, self._total
+        if total:
+            text = f"kms rewrap: {done}/{total} ({100 * done // total}%)"
+        else:
+            text = f"kms rewrap: {done}"
+        self._write(f"\r{text}\x1b[K")
+        self._drawn_at = time.monotonic()
+        self._shown = done
+
+    def close(self) -> None:
+        """Show the final count and end the line, so what follows starts at column 0."""
+        if self._shown is None and self._done == 0:
+            return
+        if self._shown != self._done:
+            self._draw()
+        self._write("\n")
+
+    def _write(self, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._terminal.write(text)
+            self._terminal.flush()
+
+
+def rewrap_lines(
+    client: Client,
+    key_id: str,
+    source: IO[bytes],
+    sink: IO[bytes],
+    aad: bytes = b"",
+    meter: ProgressMeter | None = None,
+) -> int:
+    """Rewrap each base64 line of ``source`` to ``sink``, in order; returns how many.
+
+    Output is flushed after every window, so a consumer downstream sees steady
+    progress and, on failure, exactly the lines before the failing one.
+    """
+    lines = CiphertextLines(source)
+    out: list[bytes] = []
+    done = 0
+
+    def window_done(count: int, total: int | None) -> None:
+        write_out(sink, b"".join(out))
+        out.clear()
+        _flush(sink)
+        if meter is not None:
+            meter(count, total)
+
+    try:
+        for ciphertext in client.rewrap_many(key_id, lines, aad, progress=window_done):
+            out.append(b64encode(ciphertext) + b"\n")
+            done += 1
+    except KmsError as error:
+        write_out(sink, b"".join(out))
+        if not isinstance(error, ConnectionFailed | Timeout | ProtocolViolation):
+            error.message = f"line {done + 1}: {error.message}"  # the daemon refused this line
+        raise
+    if lines.error is not None:
+        raise lines.error
+    return done
+
+
 # ---------------------------------------------------------------------- click plumbing
 
 
@@ -341,10 +494,16 @@ def _epilog() -> str:
     names = {
         ConnectionFailed.code: "cannot connect to the daemon",
         Timeout.code: "the daemon did not answer in time",
-        LOCAL: "local I/O error, or damaged/empty encrypt/decrypt input",
+        LOCAL: "local I/O error, or bad encrypt/decrypt/rewrap input",
         ProtocolViolation.code: "the daemon's reply breaks the protocol",
     }
-    lines = ["\b", "Exit codes:", "   0  success", "   1  unknown error code", "   2  usage error"]
+    lines = [
+        "\b",
+        "Exit codes:",
+        "   0  success",
+        "   1  unknown error code",
+        "   2  usage error (or destroy not confirmed)",
+    ]
     for code, status in sorted(EXIT_CODES.items(), key=lambda item: item[1]):
         lines.append(f"  {status:>2}  {names.get(code, code)}")
     return "\n".join(lines)
@@ -408,6 +567,9 @@ class KmsGroup(click.Group):
                 _silence_stdout()
             _say_error(str(error))
             ctx.exit(exit_code_for(error))
+        except UsageProblem as problem:
+            _say_error(str(problem))
+            ctx.exit(EXIT_USAGE)
         except OSError as exc:  # a local file or stream we did not wrap: still exit 5
             if exc.errno == errno.EPIPE:
                 _silence_stdout()
@@ -540,14 +702,138 @@ def datakey(settings: Settings, key_id: str, nbytes: int, fmt: str) -> None:
         click.echo(wrapped)
 
 
+def _period(value: str | None, allow_off: bool) -> int | None:
+    """``45s``, ``30m``, ``12h`` or ``90d`` as seconds; ``off`` as ``None`` where allowed."""
+    if value is None or (allow_off and value.lower() == "off"):
+        return None
+    try:
+        return parse_period(value.encode("ascii"))
+    except (UnicodeEncodeError, KmsError):
+        raise click.BadParameter(
+            f"{value!r} is not a period: a number and s, m, h or d (45s, 30m, 12h, 90d),"
+            " at most 100 years" + (", or off" if allow_off else "")
+        ) from None
+
+
+def _period_or_off(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return _period(value, allow_off=True)
+
+
+def _period_only(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return _period(value, allow_off=False)
+
+
+version_argument = click.argument("version", type=click.IntRange(1, MAX_VERSION))
+
+
 @cli.command()
 @key_argument
 @click.option("--exportable", is_flag=True, help="Allow GET to export the key.")
+@click.option(
+    "--rotate",
+    "rotate_period",
+    metavar="PERIOD",
+    callback=_period_only,
+    help="Rotate automatically when the latest version is this old (45s, 30m, 12h, 90d).",
+)
 @pass_settings
-def create(settings: Settings, key_id: str, exportable: bool) -> None:
+def create(settings: Settings, key_id: str, exportable: bool, rotate_period: int | None) -> None:
     """Create a key; prints its version (1)."""
     with settings.client() as client:
-        click.echo(client.create(key_id, exportable))
+        click.echo(client.create(key_id, exportable, rotate_period))
+
+
+@cli.command()
+@key_argument
+@click.option(
+    "--rotate",
+    "rotate_period",
+    metavar="PERIOD|off",
+    callback=_period_or_off,
+    required=True,
+    help="Automatic rotation period (45s, 30m, 12h, 90d), or off.",
+)
+@pass_settings
+def config(settings: Settings, key_id: str, rotate_period: int | None) -> None:
+    """Set or turn off a key's automatic rotation."""
+    with settings.client() as client:
+        client.configure(key_id, rotate_period)
+
+
+@cli.command()
+@key_argument
+@click.option(
+    "--aad", default="", help="The AAD the ciphertexts were made with (the same for all)."
+)
+@pass_settings
+def rewrap(settings: Settings, key_id: str, aad: str) -> None:
+    """Re-encrypt base64 ciphertexts (one per line on stdin) under KEY's latest version.
+
+    Writes the new ciphertexts, one per line and in order, to standard output.
+    The plaintexts never leave the daemon. Shows progress on standard error when
+    it is a terminal.
+    """
+    source = _stdin()
+    meter = None
+    if _is_terminal(sys.stderr):
+        meter = ProgressMeter(sys.stderr, count_lines(source))
+    try:
+        with settings.client() as client:
+            rewrap_lines(client, key_id, source, _stdout(), os.fsencode(aad), meter)
+    finally:
+        if meter is not None:
+            meter.close()
+
+
+@cli.command()
+@key_argument
+@version_argument
+@pass_settings
+def retire(settings: Settings, key_id: str, version: int) -> None:
+    """Forbid every use of a version (ERR RETIRED) while keeping it; undo with restore."""
+    with settings.client() as client:
+        client.retire(key_id, version)
+
+
+@cli.command()
+@key_argument
+@version_argument
+@pass_settings
+def restore(settings: Settings, key_id: str, version: int) -> None:
+    """Make a retired version usable again."""
+    with settings.client() as client:
+        client.restore(key_id, version)
+
+
+@cli.command()
+@key_argument
+@version_argument
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@pass_settings
+def destroy(settings: Settings, key_id: str, version: int, yes: bool) -> None:
+    """Erase a version's key material for good (never the latest version).
+
+    Whatever is still encrypted under it can never be decrypted again. Asks for
+    confirmation on a terminal; elsewhere, give --yes.
+    """
+    if not yes:
+        if not _is_terminal(sys.stdin):
+            raise UsageProblem(
+                "destroy erases key material for good; standard input is not a terminal"
+                " to confirm on, so give --yes"
+            )
+        question = (
+            f"Destroy version {version} of {key_id} for good? Data still encrypted under it"
+            " can never be decrypted again"
+        )
+        try:
+            confirmed = click.confirm(question, default=False, err=True)
+        except click.Abort:
+            confirmed = False
+        if not confirmed:
+            raise UsageProblem("not confirmed: nothing destroyed")
+    with settings.client() as client:
+        client.destroy(key_id, version)
 
 
 @cli.command()
@@ -568,6 +854,13 @@ def info(settings: Settings, key_id: str) -> None:
         details = client.info(key_id)
     pretty = sys.stdout.isatty()
     click.echo(json.dumps(details, indent=2 if pretty else None))
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):
+        return False
 
 
 def _flush(sink: IO[bytes]) -> None:

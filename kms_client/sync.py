@@ -17,8 +17,9 @@ Connection rules, shared with :class:`kms_client.AsyncClient`:
   reply), the request is sent once more on a fresh connection when that is
   safe: always if the send itself failed (the line's final LF never arrived,
   so the daemon cannot have executed it), and otherwise only for *repeatable*
-  requests. A ``CREATE`` or ``ROTATE`` whose line was delivered is never
-  resent: the daemon may have applied it before it went away.
+  requests. A ``CREATE``, ``ROTATE`` or ``REKEY`` whose line was delivered is
+  never resent: the daemon may have applied it before it went away. (``RETIRE``,
+  ``RESTORE``, ``DESTROY`` and ``CONFIG`` are idempotent, so they may be.)
 * ``timeout`` bounds one whole call (connect, send, receive, and the retry).
   A timeout drops the connection, because a late reply would otherwise be read
   as the answer to the next request.
@@ -34,16 +35,19 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from itertools import islice
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from kms_client.errors import ConnectionFailed, KmsError, ProtocolViolation, Timeout, TooLong
 from kms_client.protocol import (
     DEFAULT_DATAKEY_BYTES,
+    Configure,
     Create,
     DataKey,
     Decrypt,
+    Destroy,
     Encrypt,
     Err,
     GenerateDataKey,
@@ -55,8 +59,12 @@ from kms_client.protocol import (
     LineFramer,
     Ping,
     Quit,
+    Rekey,
     Request,
     Response,
+    Restore,
+    Retire,
+    Rewrap,
     Rotate,
     parse_response,
     validate_key_id,
@@ -69,6 +77,10 @@ R = TypeVar("R")
 RESPONSE_MAX_LINE = 64 << 20
 #: Requests encoded and queued at once by :meth:`Client.pipeline`.
 PIPELINE_BATCH = 256
+#: Ciphertexts per pipelined batch in :meth:`Client.rewrap_many`.
+REWRAP_WINDOW = 256
+#: ``progress(done, total)``: ciphertexts rewrapped so far, and how many in all if known.
+Progress = Callable[[int, int | None], None]
 _IO_SIZE = 256 << 10
 
 
@@ -104,6 +116,26 @@ def settle(request: Request[R], response: Response) -> R | KmsError:
     if isinstance(response, Err):
         return response.to_exception()
     return request.parse_reply(response)
+
+
+def rewrap_total(ciphertexts: object) -> int | None:
+    """How many ciphertexts ``rewrap_many`` will see, when the input says (a list does)."""
+    return len(ciphertexts) if isinstance(ciphertexts, Sized) else None
+
+
+def check_rewrap_arguments(key_id: str, window: int) -> None:
+    """Checked when ``rewrap_many`` is called, not when its first result is asked for."""
+    validate_key_id(key_id.encode("ascii", "replace"))
+    if window < 1:
+        raise ValueError("window must be at least 1")
+
+
+def rewrapped(results: Sequence[Any]) -> Iterator[bytes]:
+    """The ciphertexts of one window, in order, up to the first error, which is raised."""
+    for result in results:
+        if isinstance(result, KmsError):
+            raise result
+        yield result
 
 
 def connection_broken(verb: str, sent: bool, retried: bool) -> ConnectionFailed:
@@ -234,8 +266,8 @@ class Client:
                     if retried or not all(request.repeatable for request in pending):
                         raise ConnectionFailed(
                             f"connection to the key daemon broke after {len(results)} of"
-                            f" {len(requests)} replies; unanswered CREATE or ROTATE requests"
-                            " may have been applied"
+                            f" {len(requests)} replies; unanswered CREATE, ROTATE or REKEY"
+                            " requests may have been applied"
                         ) from broken
                     retried = True
             if any(isinstance(request, Quit) for request in requests):
@@ -254,9 +286,15 @@ class Client:
     def help(self) -> tuple[str, ...]:
         return self.call(Help())
 
-    def create(self, key_id: str, exportable: bool = False) -> int:
-        """Create a key; returns its first version. Never retried automatically."""
-        return self.call(Create(key_id, exportable))
+    def create(
+        self, key_id: str, exportable: bool = False, rotate_period: int | None = None
+    ) -> int:
+        """Create a key; returns its first version. Never retried automatically.
+
+        ``rotate_period`` (seconds) makes the daemon rotate the key whenever its
+        latest version is older; the wire carries it as ``45s``/``30m``/``12h``/``90d``.
+        """
+        return self.call(Create(key_id, exportable, rotate_period))
 
     def rotate(self, key_id: str) -> int:
         """Add a version and make it current; returns it. Never retried automatically."""
@@ -276,6 +314,78 @@ class Client:
 
     def datakey(self, key_id: str, nbytes: int = DEFAULT_DATAKEY_BYTES) -> DataKey:
         return self.call(GenerateDataKey(key_id, nbytes))
+
+    def rewrap(self, key_id: str, ciphertext: bytes, aad: bytes = b"") -> bytes:
+        """Re-encrypt under the key's latest version; the plaintext never leaves the daemon."""
+        return self.call(Rewrap(key_id, ciphertext, aad))
+
+    def rewrap_many(
+        self,
+        key_id: str,
+        ciphertexts: Iterable[bytes],
+        aad: bytes = b"",
+        progress: Progress | None = None,
+        window: int = REWRAP_WINDOW,
+    ) -> Iterator[bytes]:
+        """Rewrap every ciphertext, in order, ``window`` pipelined requests at a time.
+
+        Yields each new ciphertext in input order. The input is read lazily, one
+        window ahead, so a table of any size streams through in constant memory.
+        ``progress(done, total)`` is called after each window; ``total`` is
+        ``len(ciphertexts)`` when the input has a length, else ``None``. The first
+        ``ERR`` (say ``BadCiphertext`` for a row that was never ours) is raised
+        after the new ciphertexts of the rows before it have been yielded, so the
+        caller knows exactly which row failed. The connection lock is held only
+        while a window is on the wire, never while the caller consumes results.
+        """
+        check_rewrap_arguments(key_id, window)
+        return self._rewrap_windows(key_id, ciphertexts, aad, progress, window)
+
+    def _rewrap_windows(
+        self,
+        key_id: str,
+        ciphertexts: Iterable[bytes],
+        aad: bytes,
+        progress: Progress | None,
+        window: int,
+    ) -> Iterator[bytes]:
+        total = rewrap_total(ciphertexts)
+        source = iter(ciphertexts)
+        done = 0
+        while batch := list(islice(source, window)):
+            results = self.pipeline([Rewrap(key_id, ciphertext, aad) for ciphertext in batch])
+            for ciphertext in rewrapped(results):
+                yield ciphertext
+                done += 1
+            if progress is not None:
+                progress(done, total)
+
+    def retire(self, key_id: str, version: int) -> None:
+        """Forbid every use of a version (its sealed file is kept); idempotent."""
+        self.call(Retire(key_id, version))
+
+    def restore(self, key_id: str, version: int) -> None:
+        """Undo :meth:`retire`; idempotent. A destroyed version raises ``Retired``."""
+        self.call(Restore(key_id, version))
+
+    def destroy(self, key_id: str, version: int) -> None:
+        """Erase a version's material for good (not the latest); idempotent."""
+        self.call(Destroy(key_id, version))
+
+    def configure(self, key_id: str, rotate_period: int | None) -> None:
+        """Set the automatic rotation period in seconds, or turn it off with ``None``."""
+        self.call(Configure(key_id, rotate_period))
+
+    def rekey(self, source: str, argument: str) -> int:
+        """Re-seal the store under a new KEK that the daemon obtains itself.
+
+        ``source`` is ``"file"`` (``argument``: an absolute path the daemon can
+        read) or ``"passphrase"`` (``argument``: the command the daemon runs). The
+        KEK never crosses the socket. Returns the new store generation. Never
+        retried automatically. Give a long ``timeout``: the daemon re-seals every
+        key file before it answers.
+        """
+        return self.call(Rekey(source, argument))
 
     # ------------------------------------------------------------------ plumbing
 

@@ -565,7 +565,8 @@ class KeyStore:
         if opened is not None:
             return opened
         if number not in record.files:
-            if record.usage(number).state == DESTROYED:
+            usage = record.state.usage.get(number)  # never create an entry for a probe
+            if usage is not None and usage.state == DESTROYED:
                 raise Retired("key version was destroyed")
             raise KeyNotFound()
         path = self.key_directory(key_id) / file_name(number)

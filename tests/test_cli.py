@@ -60,6 +60,7 @@ EXPECTED_EXIT_CODES = {
     "BAD_CIPHERTEXT": 18,
     "UNAVAILABLE": 19,
     "INTERNAL": 20,
+    "RETIRED": 21,
 }
 
 
@@ -265,6 +266,17 @@ def invoke(args: list[str], stdin: bytes = b"", socket: str = "/nonexistent/kms.
         ["frobnicate"],
         ["--timeout", "0", "ping"],
         ["get"],
+        ["create", "k", "--rotate", "90"],
+        ["create", "k", "--rotate", "off"],
+        ["create", "k", "--rotate", "36501d"],
+        ["config", "k"],
+        ["config", "k", "--rotate", "1w"],
+        ["config", "k", "--rotate", "0s"],
+        ["retire", "k"],
+        ["retire", "k", "0"],
+        ["restore", "k", "x"],
+        ["destroy", "k", "4294967296", "--yes"],
+        ["rewrap"],
     ],
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:
@@ -272,10 +284,24 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["get", "encrypt", "decrypt", "datakey", "create", "rotate", "info"]
+    "command",
+    [
+        ["get"],
+        ["encrypt"],
+        ["decrypt"],
+        ["datakey"],
+        ["create"],
+        ["rotate"],
+        ["info"],
+        ["rewrap"],
+        ["retire", "1"],
+        ["restore", "1"],
+        ["destroy", "1", "--yes"],
+        ["config", "--rotate", "off"],
+    ],
 )
-def test_bad_key_id_exits_13_before_connecting(command: str) -> None:
-    result = invoke([command, "bad key"])
+def test_bad_key_id_exits_13_before_connecting(command: list[str]) -> None:
+    result = invoke([command[0], "bad key", *command[1:]])
     assert result.exit_code == 13  # a connection attempt would have been 3
     assert result.stderr.startswith("kms: ")
     assert result.stderr.count("\n") == 1

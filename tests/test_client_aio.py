@@ -2,7 +2,8 @@
 # plus what only trio has (concurrent tasks on one client, cancellation mid-exchange).
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,14 @@ from kms_client import (
     AsyncClient,
     BadCiphertext,
     BadKeyId,
+    BadRequest,
     ConnectionFailed,
     KeyExists,
     KeyNotFound,
     KmsError,
     NotExportable,
     ProtocolViolation,
+    Retired,
     Timeout,
 )
 from kms_client.aio import AsyncClient as DirectAsyncClient
@@ -78,6 +81,97 @@ async def test_errors_carry_their_wire_code(client: AsyncClient) -> None:
     with pytest.raises(BadKeyId):
         await client.get("a\nPING")
     await client.ping()
+
+
+async def test_lifecycle_methods_round_trip(client: AsyncClient) -> None:
+    assert await client.create("life", exportable=True, rotate_period=12 * 3600) == 1
+    assert (await client.info("life"))["rotate_period"] == 12 * 3600
+    old = await client.encrypt("life", b"row", aad=b"ctx")
+    assert await client.rotate("life") == 2
+    new = await client.rewrap("life", old, aad=b"ctx")
+    assert new[1:5] == (2).to_bytes(4, "big")
+    assert await client.decrypt("life", new, aad=b"ctx") == b"row"
+
+    await client.retire("life", 1)
+    await client.retire("life", 1)
+    with pytest.raises(Retired) as retired:
+        await client.decrypt("life", old, aad=b"ctx")
+    assert retired.value.code == "RETIRED"
+    await client.restore("life", 1)
+    assert await client.decrypt("life", old, aad=b"ctx") == b"row"
+    with pytest.raises(BadRequest):
+        await client.destroy("life", 2)
+    await client.destroy("life", 1)
+    await client.destroy("life", 1)
+    with pytest.raises(Retired):
+        await client.restore("life", 1)
+    states = [entry["state"] for entry in (await client.info("life"))["versions"]]
+    assert states == ["destroyed", "active"]
+
+    await client.configure("life", 90 * 86400)
+    assert (await client.info("life"))["rotate_period"] == 90 * 86400
+    await client.configure("life", None)
+    assert (await client.info("life"))["rotate_period"] is None
+    with pytest.raises(KeyNotFound):
+        await client.configure("nope", 60)
+    with pytest.raises(BadRequest):
+        await client.rekey("file", "/nonexistent/kms/kek")
+
+
+async def test_rewrap_many_from_a_list_and_an_async_iterable(client: AsyncClient) -> None:
+    await client.create("table")
+    rows = [f"row {i}".encode() for i in range(30)]
+    old = await client.pipeline([Encrypt("table", row, b"t") for row in rows])
+    await client.rotate("table")
+    calls: list[tuple[int, int | None]] = []
+
+    def record(done: int, total: int | None) -> None:
+        calls.append((done, total))
+
+    new = [ct async for ct in client.rewrap_many("table", old, b"t", record, window=8)]
+    assert calls == [(8, 30), (16, 30), (24, 30), (30, 30)]
+    assert await client.pipeline([Decrypt("table", ct, b"t") for ct in new]) == rows
+
+    async def rows_from_a_cursor() -> AsyncIterator[bytes]:
+        for ciphertext in new:
+            await trio.sleep(0)
+            yield ciphertext
+
+    calls.clear()
+    newer = [ct async for ct in client.rewrap_many("table", rows_from_a_cursor(), b"t", record)]
+    assert calls == [(30, None)]  # one window; an async iterable has no length
+    assert await client.pipeline([Decrypt("table", ct, b"t") for ct in newer]) == rows
+
+
+async def test_rewrap_many_stops_at_the_first_failure(client: AsyncClient) -> None:
+    await client.create("mixed")
+    await client.create("other")
+    good = [await client.encrypt("mixed", bytes([i])) for i in range(6)]
+    inputs = [*good[:4], await client.encrypt("other", b"x"), *good[4:]]
+
+    def lazily() -> Iterator[bytes]:
+        yield from inputs
+
+    got: list[bytes] = []
+
+    async def drain() -> None:
+        async with aclosing(client.rewrap_many("mixed", lazily(), window=3)) as stream:
+            async for ciphertext in stream:
+                got.append(ciphertext)
+
+    with pytest.raises(BadCiphertext):
+        await drain()
+    assert [await client.decrypt("mixed", ct) for ct in got] == [bytes([i]) for i in range(4)]
+    await client.ping()
+
+
+async def test_rewrap_many_checks_its_arguments_at_the_call(short_tmp: Path) -> None:
+    async with AsyncClient(short_tmp / "absent.sock") as c:
+        with pytest.raises(ValueError, match="window"):
+            c.rewrap_many("k", [b"x"], window=0)
+        with pytest.raises(BadKeyId):
+            c.rewrap_many("a\nPING", [b"x"])
+        assert not c.connected
 
 
 async def test_connect_reports_a_missing_daemon(short_tmp: Path) -> None:
@@ -175,6 +269,9 @@ async def test_hang_up_before_reply_retries_once_only_when_repeatable(short_tmp:
             with pytest.raises(ConnectionFailed):
                 await c.rotate("k")
             assert server.connections == 3
+            with pytest.raises(ConnectionFailed):
+                await c.rekey("passphrase", "cat /new/passphrase")
+            assert server.connections == 4
 
 
 async def test_pipeline_resends_only_repeatable_requests(short_tmp: Path) -> None:

@@ -2,11 +2,14 @@
 # and against scripted servers for failures kmsd won't make on cue. Tests assert codes, not text.
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ import pytest
 from kms_client import (
     BadCiphertext,
     BadKeyId,
+    BadRequest,
     Client,
     ConnectionFailed,
     DataKey,
@@ -24,10 +28,12 @@ from kms_client import (
     KmsError,
     NotExportable,
     ProtocolViolation,
+    Retired,
     Timeout,
 )
 from kms_client.protocol import Decrypt, Encrypt, Get, Ping, Request, Rotate
-from tests.conftest import Daemon
+from kms_server.crypto import random_bytes
+from tests.conftest import Daemon, make_store
 from tests.scripted_server import (
     ScriptedServer,
     hang_up_after_request,
@@ -232,6 +238,249 @@ print("stdlib only")
 """
 
 
+# ---------------------------------------------------------------------- key life cycle
+
+DAY = 86400
+
+
+@contextlib.contextmanager
+def running(root: Path, *extra_args: str) -> Iterator[Daemon]:
+    """A daemon over a fresh store, started with extra ``kmsd serve`` arguments."""
+    started = make_store(root)
+    started.extra_args = list(extra_args)
+    started.start()
+    try:
+        yield started
+    finally:
+        if started.process is not None:
+            try:
+                started.stop()
+            finally:
+                if started.process is not None:
+                    started.process.kill()
+
+
+def states(client: Client, key_id: str) -> list[str]:
+    return [entry["state"] for entry in client.info(key_id)["versions"]]
+
+
+def test_lifecycle_methods_round_trip(client: Client) -> None:
+    assert client.create("life", exportable=True, rotate_period=90 * DAY) == 1
+    assert client.info("life")["rotate_period"] == 90 * DAY
+    old = client.encrypt("life", b"row 1", aad=b"t=1")
+    key1 = client.get("life", 1)
+    assert client.rotate("life") == 2
+
+    new = client.rewrap("life", old, aad=b"t=1")
+    assert new[1:5] == (2).to_bytes(4, "big")  # now under version 2
+    assert client.decrypt("life", new, aad=b"t=1") == b"row 1"
+    with pytest.raises(BadCiphertext):
+        client.rewrap("life", old)  # the AAD is part of what REWRAP must open
+
+    client.retire("life", 1)
+    client.retire("life", 1)  # idempotent
+    assert states(client, "life") == ["retired", "active"]
+    for call in (
+        lambda: client.decrypt("life", old, aad=b"t=1"),
+        lambda: client.rewrap("life", old, aad=b"t=1"),
+        lambda: client.get("life", 1),
+    ):
+        with pytest.raises(Retired) as retired:
+            call()
+        assert retired.value.code == "RETIRED"
+    client.restore("life", 1)
+    client.restore("life", 1)  # idempotent
+    assert client.decrypt("life", old, aad=b"t=1") == b"row 1"
+    assert client.get("life", 1) == key1  # the same material came back
+
+    with pytest.raises(BadRequest):
+        client.destroy("life", 2)  # the latest version
+    client.destroy("life", 1)
+    client.destroy("life", 1)  # idempotent
+    assert states(client, "life") == ["destroyed", "active"]
+    assert "created" not in client.info("life")["versions"][0]
+    with pytest.raises(Retired):
+        client.restore("life", 1)
+    with pytest.raises(Retired):
+        client.decrypt("life", old, aad=b"t=1")
+    assert client.decrypt("life", new, aad=b"t=1") == b"row 1"
+
+    client.configure("life", 3600)
+    assert client.info("life")["rotate_period"] == 3600
+    client.configure("life", 45)
+    assert client.info("life")["rotate_period"] == 45
+    client.configure("life", None)
+    assert client.info("life")["rotate_period"] is None
+    with pytest.raises(BadRequest):
+        client.configure("life", 0)
+    with pytest.raises(BadRequest):
+        client.configure("life", 101 * 365 * DAY)
+    for missing in (
+        lambda: client.retire("nope", 1),
+        lambda: client.restore("life", 9),
+        lambda: client.destroy("life", 9),
+        lambda: client.configure("nope", None),
+        lambda: client.rewrap("nope", old),
+    ):
+        with pytest.raises(KeyNotFound):
+            missing()
+
+
+def test_retiring_the_latest_version_stops_encryption(client: Client) -> None:
+    client.create("frozen")
+    client.retire("frozen", 1)
+    with pytest.raises(Retired):
+        client.encrypt("frozen", b"x")
+    with pytest.raises(Retired):
+        client.datakey("frozen")
+    assert client.rotate("frozen") == 2
+    assert client.decrypt("frozen", client.encrypt("frozen", b"x")) == b"x"
+
+
+def test_rewrap_many_streams_in_order_with_progress(client: Client) -> None:
+    client.create("table")
+    rows = [f"row {i}".encode() for i in range(50)]
+    old = [client.encrypt("table", row, aad=b"tbl") for row in rows]
+    client.rotate("table")
+    calls: list[tuple[int, int | None]] = []
+    new = list(
+        client.rewrap_many(
+            "table",
+            old,
+            aad=b"tbl",
+            progress=lambda done, total: calls.append((done, total)),
+            window=7,
+        )
+    )
+    assert [ct[1:5] for ct in new] == [(2).to_bytes(4, "big")] * 50
+    assert client.pipeline([Decrypt("table", ct, b"tbl") for ct in new]) == rows
+    assert calls == [(n, 50) for n in (7, 14, 21, 28, 35, 42, 49, 50)]
+    assert list(client.rewrap_many("table", [])) == []
+
+
+def test_rewrap_many_reads_its_input_lazily(client: Client) -> None:
+    client.create("lazy")
+    old = [client.encrypt("lazy", bytes([i])) for i in range(20)]
+    pulled = 0
+
+    def source() -> Iterator[bytes]:
+        nonlocal pulled
+        for ciphertext in old:
+            pulled += 1
+            yield ciphertext
+
+    calls: list[tuple[int, int | None]] = []
+    stream = client.rewrap_many(
+        "lazy", source(), progress=lambda done, total: calls.append((done, total)), window=8
+    )
+    assert pulled == 0  # nothing happens before the first result is asked for
+    first = next(stream)
+    assert pulled == 8  # one window ahead, not the whole input
+    rest = list(stream)
+    assert [client.decrypt("lazy", ct) for ct in [first, *rest]] == [bytes([i]) for i in range(20)]
+    assert calls == [(8, None), (16, None), (20, None)]  # a generator has no length
+
+
+def test_rewrap_many_stops_at_the_first_failure(client: Client) -> None:
+    client.create("mixed")
+    good = [client.encrypt("mixed", bytes([i])) for i in range(10)]
+    client.create("other")  # a ciphertext of another key is BAD_CIPHERTEXT here
+    inputs = [*good[:5], client.encrypt("other", b"x"), *good[5:]]
+    got: list[bytes] = []
+    stream = client.rewrap_many("mixed", inputs, window=4)
+    with pytest.raises(BadCiphertext):
+        got.extend(stream)
+    assert len(got) == 5  # every row before the failing one, and none after
+    assert [client.decrypt("mixed", ct) for ct in got] == [bytes([i]) for i in range(5)]
+    client.ping()  # the connection is still usable
+
+
+def test_rewrap_many_checks_its_arguments_at_the_call(short_tmp: Path) -> None:
+    with Client(short_tmp / "absent.sock") as c:
+        with pytest.raises(ValueError, match="window"):
+            c.rewrap_many("k", [b"x"], window=0)
+        with pytest.raises(BadKeyId):
+            c.rewrap_many("bad key", [b"x"])
+        assert not c.connected
+
+
+def test_rewrap_many_of_thousands_after_rotation(client: Client) -> None:
+    client.create("bulk")
+    rows = [i.to_bytes(4, "big") * 8 for i in range(3000)]
+    sealed = client.pipeline([Encrypt("bulk", row, b"bulk") for row in rows])
+    client.rotate("bulk")
+    new = list(client.rewrap_many("bulk", sealed, aad=b"bulk"))
+    client.retire("bulk", 1)  # the old version is no longer needed
+    assert client.pipeline([Decrypt("bulk", ct, b"bulk") for ct in new]) == rows
+    versions = client.info("bulk")["versions"]
+    assert (versions[0]["decryptions"], versions[1]["encryptions"]) == (3000, 3000)
+
+
+def test_usage_counters_survive_a_restart(daemon: Daemon, client: Client) -> None:
+    client.create("counted")
+    for _ in range(3):
+        client.decrypt("counted", client.encrypt("counted", b"12345"))
+    client.datakey("counted", 16)
+    expected = {"encryptions": 4, "decryptions": 3, "bytes": 3 * 5 * 2 + 16}
+    entry = client.info("counted")["versions"][0]
+    assert {name: entry[name] for name in expected} == expected
+    daemon.restart()  # SIGTERM: the daemon writes the counters before it exits
+    entry = client.info("counted")["versions"][0]
+    assert {name: entry[name] for name in expected} == expected
+
+
+def test_counters_are_flushed_while_serving(short_tmp: Path) -> None:
+    with running(short_tmp / "d", "--counter-flush-interval", "0.2") as started:
+        with Client(started.socket_path) as c:
+            c.create("flushed")
+            c.encrypt("flushed", b"abc")
+        time.sleep(1.0)  # several flush intervals
+        started.kill()  # no shutdown flush: only what was flushed survives
+        started.start()
+        with Client(started.socket_path) as c:
+            entry = c.info("flushed")["versions"][0]
+    assert (entry["encryptions"], entry["bytes"]) == (1, 3)
+
+
+def test_automatic_rotation_and_turning_it_off(short_tmp: Path) -> None:
+    with (
+        running(short_tmp / "d", "--rotation-check-interval", "0.2") as started,
+        Client(started.socket_path) as c,
+    ):
+        c.create("auto", rotate_period=1)
+        deadline = time.monotonic() + 10
+        while c.info("auto")["latest"] < 2:
+            assert time.monotonic() < deadline, "no automatic rotation within 10 s"
+            time.sleep(0.1)
+        c.configure("auto", None)
+        time.sleep(0.5)  # a rotation already due when CONFIG ran may still finish
+        latest = c.info("auto")["latest"]
+        time.sleep(1.5)
+        assert c.info("auto")["latest"] == latest
+        assert c.info("auto")["rotate_period"] is None
+
+
+def test_rekey_through_the_daemon(daemon: Daemon, client: Client) -> None:
+    client.create("kept")
+    sealed = client.encrypt("kept", b"before the rekey")
+    new_kek = daemon.root / "kek.new"
+    new_kek.write_bytes(random_bytes(32).hex().encode())
+    new_kek.chmod(0o600)
+    with pytest.raises(BadRequest):
+        client.rekey("file", str(daemon.root / "missing"))
+    with pytest.raises(BadRequest):
+        client.rekey("vault", "x")
+    generation = client.rekey("file", str(new_kek))
+    assert generation >= 2
+    assert client.decrypt("kept", sealed) == b"before the rekey"
+    client.create("after")
+    daemon.stop()
+    daemon.kek_file.write_bytes(new_kek.read_bytes())  # the next start needs the new KEK
+    daemon.start()
+    assert client.decrypt("kept", sealed) == b"before the rekey"
+    assert client.rotate("after") == 2
+
+
 def test_client_needs_only_the_standard_library(daemon: Daemon) -> None:
     result = subprocess.run(
         [sys.executable, "-I", "-c", STDLIB_ONLY, str(REPO), daemon.socket_path],
@@ -291,6 +540,12 @@ def test_hang_up_before_reply_retries_once_only_when_repeatable(short_tmp: Path)
         with pytest.raises(ConnectionFailed):
             c.rotate("k")
         assert server.connections == 3
+        with pytest.raises(ConnectionFailed):
+            c.rekey("file", "/new/kek")  # REKEY is not repeatable either
+        assert server.connections == 4
+        with pytest.raises(ConnectionFailed):
+            c.retire("k", 1)  # idempotent, so resent once
+        assert server.connections == 6
 
 
 def test_pipeline_resends_only_repeatable_requests(short_tmp: Path) -> None:

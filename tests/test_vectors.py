@@ -44,8 +44,12 @@ _REF_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ESCAPE_RE = re.compile(r"\\(x[0-9A-Fa-f]{2}|[rt\\])")
 _ESCAPES = {"r": b"\r", "t": b"\t", "\\": b"\\"}
 _KMSD_COMMENT = "# kmsd:"
-#: Verbs whose first argument is a key id.
-_KEY_VERBS = frozenset({"CREATE", "ROTATE", "INFO", "GET", "ENC", "DEC", "DATAKEY"})
+#: Verbs whose first argument is a key id: all but these.
+_KEY_VERBS = frozenset(VERBS) - {"PING", "HELLO", "HELP", "QUIT", "REKEY"}
+#: Protocol keywords a request may hold and an error message may name (usage texts).
+_KEYWORDS = frozenset({*VERBS, "EXPORTABLE", "FILE", "PASSPHRASE"})
+#: Vectors today's kmsd fails because of a daemon bug (not of the spec). Strict: once the bug is
+#: fixed these tests XPASS, which fails the run until the entry is removed.
 #: Replies after which the server closes the connection.
 _CLOSING_REPLIES = ("OK BYE", "ERR TOO_LONG ")
 
@@ -260,7 +264,6 @@ def test_each_vector_has_its_own_key_ids() -> None:
 
 def test_error_replies_use_the_closed_set_and_hide_the_request() -> None:
     codes = set(ErrorCode)
-    keywords = {*VERBS, "EXPORTABLE"}
     for name in vector_names():
         for exchange_ in load(name).exchanges:
             if exchange_.pattern or not exchange_.reply.startswith("ERR "):
@@ -269,8 +272,12 @@ def test_error_replies_use_the_closed_set_and_hide_the_request() -> None:
             assert code in codes, f"{name}: {code}"
             for token in request_tokens(exchange_.request)[1:]:
                 data = token.decode("ascii", "replace")
-                if len(data) >= 3 and data.upper() not in keywords:
+                if len(data) >= 3 and data.upper() not in _KEYWORDS:
                     assert data not in message, f"{name}: {message}"
+
+
+def test_life_cycle_verbs_name_a_key() -> None:
+    assert {"REWRAP", "RETIRE", "RESTORE", "DESTROY", "CONFIG"} <= _KEY_VERBS
 
 
 def test_spec_tables_match_the_code() -> None:
@@ -458,7 +465,10 @@ def run_vector(conn: Connection, vector: Vector, *, pipelined: bool) -> None:
 
 
 @pytest.mark.parametrize("mode", ["one_by_one", "pipelined"])
-@pytest.mark.parametrize("name", vector_names())
+@pytest.mark.parametrize(
+    "name",
+    [name for name in vector_names()],
+)
 def test_vector_against_kmsd(daemons: DaemonPool, name: str, mode: str) -> None:
     vector = load(name)
     daemon = daemons.get(mode, vector.kmsd_args)
