@@ -4,7 +4,8 @@
 
 Exit codes: 0 success; 1 unexpected error; 2 usage or configuration error;
 3 store error (missing, damaged, locked, wrong KEK); 4 KEK source error (file
-unreadable, passphrase command failed); 5 socket error (path taken by a live
+unreadable, passphrase command failed, Transit refused or unreachable within
+--transit-start-timeout); 5 socket error (path taken by a live
 daemon or a non-socket file, cannot bind); 6 `verify` found damage; 7 the running
 daemon refused a request (`rekey` through the socket).
 """
@@ -17,6 +18,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -33,7 +35,7 @@ from kms_server.audit import AuditError, AuditLog
 from kms_server.config import ConfigError, Settings, load
 from kms_server.crypto import KEY_SIZE, random_bytes, wipe
 from kms_server.dispatch import Dispatcher
-from kms_server.files import write_new_file
+from kms_server.files import replace_file, write_new_file
 from kms_server.hardening import harden_process
 from kms_server.kek import KekError, KekFile, KekSource, PassphraseCommand, obtain_for_store
 from kms_server.maintenance import online_rekeyer
@@ -47,14 +49,19 @@ from kms_server.server import (
 )
 from kms_server.store import (
     LOCK_NAME,
+    METADATA_NAME,
+    WRITE_LOCK_NAME,
     KeyStore,
     StoreError,
+    check_private,
     init_store,
+    live_generation,
     locked,
     new_store_id,
     read_metadata,
     serving_socket,
 )
+from kms_server.transit import HealthWatch, TransitSource, wrapped_version
 
 log = logging.getLogger("kmsd")
 
@@ -123,7 +130,62 @@ def store_option(required: bool) -> Callable[[Any], Any]:
     )
 
 
+def transit_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """How to reach Transit (shared by every command that may use a Transit KEK source)."""
+    options = [
+        click.option(
+            "--transit-key",
+            default=None,
+            metavar="NAME",
+            help="Transit key (a derived one) wrapping the root; needed by init, "
+            "later read from the store.",
+        ),
+        click.option("--transit-mount", default=None, help="Transit mount path (transit)."),
+        click.option(
+            "--transit-token-file",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="File holding the OpenBao/Vault token (read again after a 403).",
+        ),
+        click.option(
+            "--transit-role-id-file",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="AppRole role-id file (with --transit-secret-id-file, instead of a token).",
+        ),
+        click.option(
+            "--transit-secret-id-file",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="AppRole secret-id file.",
+        ),
+        click.option(
+            "--transit-ca",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="CA certificate file for the key service's TLS.",
+        ),
+        click.option("--transit-namespace", default=None, help="OpenBao/Vault namespace."),
+        click.option(
+            "--transit-start-timeout",
+            type=float,
+            default=None,
+            help="Seconds to retry while no Transit node can answer (60).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def kek_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = transit_options(func)
+    func = click.option(
+        "--kek-transit",
+        default=None,
+        metavar="URL[,URL...]",
+        help="The root key lives wrapped by OpenBao/Vault Transit at these nodes (tried in turn).",
+    )(func)
     func = click.option(
         "--passphrase-timeout",
         type=float,
@@ -154,23 +216,10 @@ def main() -> None:
 @main.command()
 @store_option(required=True)
 @kek_options
-def init(
-    store: Path,
-    kek_file: Path | None,
-    passphrase_command: str | None,
-    passphrase_timeout: float | None,
-) -> None:
+def init(store: Path, **kek_settings: Any) -> None:
     """Create a new, empty key store sealed under a KEK source."""
     with one_line_errors():
-        settings = load(
-            None,
-            {
-                "store": str(store),
-                "kek_file": str(kek_file) if kek_file else None,
-                "passphrase_command": passphrase_command,
-                "passphrase_timeout": passphrase_timeout,
-            },
-        )
+        settings = settings_from(None, {"store": store, **kek_settings})
         source = settings.kek_source()
         store_id = new_store_id()
         description = source.describe_new(store_id)
@@ -201,10 +250,9 @@ def create_dev_store() -> Settings:
     return Settings(store=DEV_STORE, socket=DEV_SOCKET, kek_file=kek_file)
 
 
-def open_store(settings: Settings) -> KeyStore:
+def open_store(settings: Settings, source: KekSource) -> KeyStore:
     """Obtain the KEK and open the store; a wrong KEK fails here, before any socket exists."""
     store_dir = settings.require_store()
-    source = settings.kek_source()
     metadata = read_metadata(store_dir)
     kek = obtain_for_store(source, metadata.kek, metadata.store_id)
     try:
@@ -271,13 +319,29 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Append the audit trail (JSON lines) here, 0600; default stderr.",
         ),
+        click.option(
+            "--transit-health-interval",
+            type=float,
+            default=None,
+            help="Seconds between checks that Transit could unwrap the root again (60).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-_PATH_SETTINGS = ("store", "socket_path", "kek_file", "acl", "audit_log")
+_PATH_SETTINGS = (
+    "store",
+    "socket_path",
+    "kek_file",
+    "acl",
+    "audit_log",
+    "transit_token_file",
+    "transit_role_id_file",
+    "transit_secret_id_file",
+    "transit_ca",
+)
 
 
 def settings_from(config_file: Path | None, options: dict[str, Any]) -> Settings:
@@ -322,11 +386,12 @@ def serve(config_file: Path | None, dev: bool, verbose: bool, **options: Any) ->
         access = load_access(settings)
         for warning in harden_process():
             log.warning("%s", warning)
-        store_handle = open_store(settings)
+        source = settings.kek_source()
+        store_handle = open_store(settings, source)
         try:
             if dev:
                 ensure_demo_key(store_handle)
-            serve_store(settings, store_handle, access)
+            serve_store(settings, store_handle, access, source)
         finally:
             store_handle.close()
 
@@ -366,10 +431,32 @@ def ensure_demo_key(store: KeyStore) -> None:
         log.info("created exportable key %r", DEV_KEY)
 
 
-def serve_store(settings: Settings, store: KeyStore, access: AccessControl) -> None:
+def watch_transit(settings: Settings, source: KekSource) -> HealthWatch | None:
+    """While serving from memory, check now and then that Transit could unwrap the root again."""
+    if not isinstance(source, TransitSource):
+        return None
+
+    def report(status: str) -> None:
+        if status == "ok":
+            log.info("Transit: ok again")
+        else:
+            log.warning("Transit %s (serving from memory; a restart would fail now)", status)
+
+    store_dir = settings.require_store()
+    watch = HealthWatch(
+        source, settings.transit_health_interval, report, lambda: read_metadata(store_dir).kek
+    )
+    watch.start()
+    return watch
+
+
+def serve_store(
+    settings: Settings, store: KeyStore, access: AccessControl, source: KekSource
+) -> None:
     audit = AuditLog(settings.audit_log)
     listener = bind_unix_socket(settings.socket, settings.socket_mode)
     bound = os.lstat(settings.socket)
+    watch = watch_transit(settings, source)
     try:
         rekeyer = online_rekeyer(store, settings.passphrase_timeout)
         dispatcher = Dispatcher(store, __version__, rekeyer)
@@ -385,6 +472,8 @@ def serve_store(settings: Settings, store: KeyStore, access: AccessControl) -> N
         announce_access(access)
         trio.run(run, server)
     finally:
+        if watch is not None:
+            watch.stop()
         listener.close()
         audit.close()
         remove_socket(settings.socket, bound)
@@ -396,6 +485,12 @@ def serve_store(settings: Settings, store: KeyStore, access: AccessControl) -> N
 
 def kek_source_options(prefix: str, what: str) -> Callable[[Callable[..., Any]], Any]:
     def decorate(func: Callable[..., Any]) -> Any:
+        func = click.option(
+            f"--{prefix}kek-transit",
+            default=None,
+            metavar="URL[,URL...]",
+            help=f"The {what} KEK: a root wrapped by Transit (with the --transit-* options).",
+        )(func)
         func = click.option(
             f"--{prefix}passphrase-command",
             default=None,
@@ -412,15 +507,27 @@ def kek_source_options(prefix: str, what: str) -> Callable[[Callable[..., Any]],
     return decorate
 
 
-def kek_source_from(kek_file: Path | None, command: str | None, timeout: float | None) -> KekSource:
-    return load(
+def kek_source_from(
+    kek_file: Path | None,
+    command: str | None,
+    timeout: float | None,
+    transit_urls: str | None = None,
+    transit: dict[str, Any] | None = None,
+) -> KekSource:
+    return settings_from(
         None,
         {
-            "kek_file": str(kek_file) if kek_file else None,
+            "kek_file": kek_file,
             "passphrase_command": command,
             "passphrase_timeout": timeout,
+            "kek_transit": transit_urls,
+            **(transit or {}),
         },
     ).kek_source()
+
+
+def given(*values: object) -> bool:
+    return any(value is not None for value in values)
 
 
 @main.command()
@@ -428,6 +535,13 @@ def kek_source_from(kek_file: Path | None, command: str | None, timeout: float |
 @kek_source_options("old-", "current")
 @kek_source_options("new-", "new")
 @click.option("--passphrase-timeout", type=float, default=None, help="Seconds (default 30).")
+@click.option(
+    "--kek-transit",
+    default=None,
+    metavar="URL[,URL...]",
+    help="With --rewrap: the Transit nodes holding the store's key.",
+)
+@transit_options
 @click.option(
     "--socket",
     "socket_path",
@@ -440,15 +554,26 @@ def kek_source_from(kek_file: Path | None, command: str | None, timeout: float |
     is_flag=True,
     help="Finish or roll back an interrupted rekey, then stop (needs no KEK).",
 )
+@click.option(
+    "--rewrap",
+    is_flag=True,
+    help="Rewrap the Transit-wrapped root under the newest Transit key version "
+    "(Transit's rewrap: no plaintext leaves the key service; the KEK stays the same).",
+)
 def rekey(
     store: Path,
     old_kek_file: Path | None,
     old_passphrase_command: str | None,
+    old_kek_transit: str | None,
     new_kek_file: Path | None,
     new_passphrase_command: str | None,
+    new_kek_transit: str | None,
     passphrase_timeout: float | None,
+    kek_transit: str | None,
     socket_path: Path | None,
     repair: bool,
+    rewrap: bool,
+    **transit: Any,
 ) -> None:
     """Re-seal every key file under a new KEK, crash-safely; online through a running daemon."""
     with one_line_errors():
@@ -456,11 +581,23 @@ def rekey(
             removed = maintenance.repair(store)
             click.echo(f"repaired {store}: removed {', '.join(removed) or 'nothing'}")
             return
-        new_source = kek_source_from(new_kek_file, new_passphrase_command, passphrase_timeout)
+        if rewrap:
+            if kek_transit is None:
+                raise ConfigError("--rewrap needs --kek-transit and the Transit credentials")
+            source = kek_source_from(None, None, None, kek_transit, transit)
+            assert isinstance(source, TransitSource)  # noqa: S101 - built from --kek-transit
+            before, after = rewrap_stored_root(store, source)
+            click.echo(f"rewrapped the root of {store}: Transit key version {before} -> {after}")
+            return
+        new_source = kek_source_from(
+            new_kek_file, new_passphrase_command, passphrase_timeout, new_kek_transit, transit
+        )
         metadata = read_metadata(store)
         old_kek = None
-        if old_kek_file is not None or old_passphrase_command is not None:
-            old_source = kek_source_from(old_kek_file, old_passphrase_command, passphrase_timeout)
+        if given(old_kek_file, old_passphrase_command, old_kek_transit):
+            old_source = kek_source_from(
+                old_kek_file, old_passphrase_command, passphrase_timeout, old_kek_transit, transit
+            )
             old_kek = obtain_for_store(old_source, metadata.kek, metadata.store_id)
             maintenance.check_kek(metadata, old_kek)
         serving = socket_path or serving_socket(store)
@@ -473,7 +610,7 @@ def rekey(
         if old_kek is None:
             raise ConfigError(
                 "no daemon serves this store: give the current KEK "
-                "(--old-kek-file or --old-passphrase-command)"
+                "(--old-kek-file, --old-passphrase-command or --old-kek-transit)"
             )
         description = new_source.describe_new(metadata.store_id)
         new_kek = new_source.obtain(description, metadata.store_id)
@@ -483,6 +620,27 @@ def rekey(
             wipe(old_kek)
             wipe(new_kek)
         click.echo(f"rekeyed {store}: generation {generation}, KEK source {new_source.kind}")
+
+
+def rewrap_stored_root(store_dir: Path, source: TransitSource) -> tuple[int, int]:
+    """Replace the wrapped root in the live metadata by its Transit rewrap, under the write lock.
+
+    The KEK does not change, so the check value, every key file and a running
+    daemon (which keeps the KEK in memory) stay valid: this may run while it serves.
+    """
+    check_private(store_dir)
+    with locked(store_dir / WRITE_LOCK_NAME, blocking=True):
+        metadata = read_metadata(store_dir)
+        if metadata.kek.get("kind") != "transit":
+            raise ConfigError(
+                f"--rewrap: this store's KEK comes from a {metadata.kek.get('kind')} "
+                "source, not Transit"
+            )
+        before = wrapped_version(metadata.kek)
+        description = source.rewrap(metadata.kek, metadata.store_id)
+        path = live_generation(store_dir) / METADATA_NAME
+        replace_file(path, replace(metadata, kek=description).to_json())
+    return before, wrapped_version(description)
 
 
 def store_in_use(store: Path) -> bool:
@@ -497,6 +655,11 @@ def rekey_through_daemon(socket_path: Path, source: KekSource) -> int:
     """Ask the daemon to rekey: it reads the new KEK file or runs the command itself."""
     if isinstance(source, KekFile):
         request = Rekey("file", str(source.path.absolute()))
+    elif isinstance(source, TransitSource):
+        raise ConfigError(
+            "a running daemon cannot rekey to a Transit source (REKEY carries a file or a "
+            "passphrase command): stop it, rekey offline, start it with --kek-transit"
+        )
     else:
         assert isinstance(source, PassphraseCommand)  # noqa: S101 - the only other kind
         request = Rekey("passphrase", source.command)
@@ -538,15 +701,10 @@ def restore(archive: Path, store: Path) -> None:
 @main.command()
 @store_option(required=True)
 @kek_options
-def verify(
-    store: Path,
-    kek_file: Path | None,
-    passphrase_command: str | None,
-    passphrase_timeout: float | None,
-) -> None:
+def verify(store: Path, **kek_settings: Any) -> None:
     """Open every key version and check every seal; exit 6 on any damage."""
     with one_line_errors():
-        source = kek_source_from(kek_file, passphrase_command, passphrase_timeout)
+        source = settings_from(None, kek_settings).kek_source()
         metadata = read_metadata(store)
         kek = obtain_for_store(source, metadata.kek, metadata.store_id)
         try:

@@ -8,6 +8,15 @@ The TOML file uses the flags' long names with ``_`` for ``-``::
     socket = "/run/kms/kms.sock"
     socket_mode = "0660"
     kek_file = "/etc/kms/kek"            # or: passphrase_command = "systemd-ask-password kms"
+    # or the root key wrapped by OpenBao/Vault Transit (see kms_server/transit.py):
+    # kek_transit = ["https://bao1:8200", "https://bao2:8200"]   # tried in turn
+    # transit_key = "kms-root"           # a derived key (init; later read from the store)
+    # transit_mount = "transit"
+    # transit_token_file = "/etc/kms/bao-token"  # or transit_role_id_file + transit_secret_id_file
+    # transit_ca = "/etc/kms/bao-ca.pem"
+    # transit_namespace = "team-a"
+    # transit_start_timeout = 60         # seconds of retries while no node can answer
+    # transit_health_interval = 60       # seconds between checks while serving
     max_line = 1048576
     max_connections = 1024
     idle_timeout = 300
@@ -29,6 +38,7 @@ from typing import Any
 from kms_client.protocol import DEFAULT_MAX_LINE
 from kms_server.kek import DEFAULT_COMMAND_TIMEOUT, KekFile, KekSource, PassphraseCommand
 from kms_server.server import Limits
+from kms_server.transit import DEFAULT_START_TIMEOUT, TransitSource
 
 DEFAULT_SOCKET = Path("/run/kms/kms.sock")
 
@@ -53,6 +63,16 @@ class Settings:
     audit_log: Path | None = None
     counter_flush_interval: float = 5.0
     rotation_check_interval: float = 60.0
+    kek_transit: tuple[str, ...] | None = None
+    transit_key: str | None = None
+    transit_mount: str | None = None
+    transit_token_file: Path | None = None
+    transit_role_id_file: Path | None = None
+    transit_secret_id_file: Path | None = None
+    transit_ca: Path | None = None
+    transit_namespace: str | None = None
+    transit_start_timeout: float = DEFAULT_START_TIMEOUT
+    transit_health_interval: float = 60.0
 
     def limits(self) -> Limits:
         return Limits(
@@ -65,13 +85,40 @@ class Settings:
         )
 
     def kek_source(self) -> KekSource:
-        if self.kek_file is not None and self.passphrase_command is not None:
-            raise ConfigError("give one KEK source: --kek-file or --passphrase-command, not both")
+        given = [
+            flag
+            for flag, value in (
+                ("--kek-file", self.kek_file),
+                ("--passphrase-command", self.passphrase_command),
+                ("--kek-transit", self.kek_transit),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ConfigError(f"give one KEK source, not {' and '.join(given)}")
         if self.kek_file is not None:
             return KekFile(self.kek_file)
         if self.passphrase_command is not None:
             return PassphraseCommand(self.passphrase_command, self.passphrase_timeout)
-        raise ConfigError("no KEK source: give --kek-file or --passphrase-command")
+        if self.kek_transit is not None:
+            return self.transit_source(self.kek_transit)
+        raise ConfigError("no KEK source: give --kek-file, --passphrase-command or --kek-transit")
+
+    def transit_source(self, urls: tuple[str, ...]) -> TransitSource:
+        try:
+            return TransitSource(
+                urls,
+                key=self.transit_key,
+                mount=self.transit_mount,
+                token_file=self.transit_token_file,
+                role_id_file=self.transit_role_id_file,
+                secret_id_file=self.transit_secret_id_file,
+                ca_file=self.transit_ca,
+                namespace=self.transit_namespace,
+                start_timeout=self.transit_start_timeout,
+            )
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     def require_store(self) -> Path:
         if self.store is None:
@@ -95,13 +142,45 @@ def parse_mode(value: object) -> int:
     return mode
 
 
+_PATHS = frozenset(
+    {
+        "store",
+        "socket",
+        "kek_file",
+        "acl",
+        "audit_log",
+        "transit_token_file",
+        "transit_role_id_file",
+        "transit_secret_id_file",
+        "transit_ca",
+    }
+)
+
+
+def _urls(value: object) -> tuple[str, ...]:
+    """``kek_transit``: a TOML list of URLs, or one string with commas (the flag)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ConfigError("kek_transit must be a URL, URLs separated by commas, or a list")
+    urls = tuple(item.strip() for item in items if item.strip())
+    if not urls:
+        raise ConfigError("kek_transit must name at least one URL")
+    return urls
+
+
 def _coerce(name: str, value: Any) -> Any:
-    if name in {"store", "socket", "kek_file", "acl", "audit_log"}:
+    if name in _PATHS:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{name} must be a non-empty path")
         return Path(value)
     if name == "socket_mode":
         return parse_mode(value)
+    if name == "kek_transit":
+        return _urls(value)
+    if name in {"transit_key", "transit_mount", "transit_namespace"}:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{name} must be a non-empty name")
+        return value.strip()
     if name == "passphrase_command":
         if not isinstance(value, str) or not value.strip():
             raise ConfigError("passphrase_command must be a non-empty command line")

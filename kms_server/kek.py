@@ -1,4 +1,4 @@
-# KEK sources: where the key-encryption key comes from (a key file, a passphrase command).
+# KEK sources: where the key-encryption key comes from (file, passphrase command; transit.py).
 # Returns the KEK in a wipeable buffer; never writes, logs or returns it anywhere else.
 """Key-encryption-key sources, one per store, chosen at ``kmsd init``.
 
@@ -36,7 +36,7 @@ class KekError(Exception):
 class KekSource(Protocol):
     @property
     def kind(self) -> str:
-        """The source kind recorded in the store metadata: "file" or "passphrase"."""
+        """The source kind recorded in the store metadata: "file", "passphrase", "transit"."""
 
     def describe_new(self, store_id: str = "") -> dict[str, Any]:
         """The metadata ``kmsd init`` (or a rekey) records for a store using this source."""
@@ -149,4 +149,8 @@ def obtain_for_store(
     return source.obtain(description, store_id)
 
 
-_OPTION_FOR_KIND = {"file": "--kek-file", "passphrase": "--passphrase-command"}
+_OPTION_FOR_KIND = {
+    "file": "--kek-file",
+    "passphrase": "--passphrase-command",
+    "transit": "--kek-transit",
+}
