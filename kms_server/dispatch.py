@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -260,15 +261,24 @@ class Dispatcher:
         log.info("ROTATE %s: version %d written", key_id, number)
         return format_ok(str(number).encode()), number
 
-    async def rotate_safely(self, key_id: str, run_blocking: ThreadRunner[Any]) -> Reply:
-        """:meth:`rotate` with every failure turned into an ``ERR`` line."""
+    async def rotate_if_due(self, key_id: str, run_blocking: ThreadRunner[Any]) -> Reply | None:
+        """Automatic rotation: rotate ``key_id`` if it is still due (None when it no longer is).
+
+        The caller holds the write lock, so a ``CONFIG rotate=off`` acknowledged
+        after the key was found due is seen here and wins.
+        """
+        if key_id not in self.rotations_due(time.time(), [key_id]):
+            return None
         return await self.respond_write(Rotate(key_id), run_blocking)
 
-    def rotations_due(self, now: float) -> list[str]:
+    def rotations_due(self, now: float, candidates: list[str] | None = None) -> list[str]:
         """Keys with a rotation period whose latest version is at least that old."""
         store = self._store
         due = []
-        for key_id, period in list(store.rotation.items()):
+        for key_id in list(store.rotation) if candidates is None else candidates:
+            period = store.rotation.get(key_id)
+            if period is None:
+                continue
             try:
                 record = store.record(key_id)
                 created = store.version(key_id, record.latest).created
@@ -295,9 +305,17 @@ class Dispatcher:
             raise KeyNotFound()
         current = record.usage(number).state
         if current == DESTROYED:
-            if isinstance(request, Destroy):
-                return format_ok(), number
-            raise Retired("key version was destroyed")
+            if not isinstance(request, Destroy):
+                raise Retired("key version was destroyed")
+            if number in record.files:  # a DESTROY cut short between its two steps
+
+                def finish() -> None:
+                    with store.write_lock():
+                        store.remove_version_file(key_id, number)
+
+                await run_blocking(finish)
+                record.files = [v for v in record.files if v != number]
+            return format_ok(), number
         if isinstance(request, Destroy) and number == record.latest:
             raise BadRequest("the latest version cannot be destroyed; rotate first")
         target = {Retire: RETIRED, Restore: ACTIVE, Destroy: DESTROYED}[type(request)]

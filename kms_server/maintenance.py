@@ -106,19 +106,24 @@ def build_generation(
         source = old_keys.joinpath(*key_id.split("/"))
         target = new_keys.joinpath(*key_id.split("/"))
         make_private_dirs(target, new_keys)
-        for number in key_file_versions(source):
-            path = source / file_name(number)
-            opened = old_sealer.open_key_file(key_id, number, path.read_bytes(), path)
-            _write_fsynced(target / file_name(number), new_sealer.seal_key_file(opened))
-            opened.wipe()
         state_path = source / STATE_NAME
+        destroyed: set[int] = set()
         if state_path.exists():
             document = old_sealer.open_document(
                 b"state", key_id, state_path.read_bytes(), state_path
             )
+            state = KeyState.from_document(document)
+            destroyed = {n for n, usage in state.usage.items() if usage.state == DESTROYED}
             _write_fsynced(
                 target / STATE_NAME, new_sealer.seal_document(b"state", key_id, document)
             )
+        for number in key_file_versions(source):
+            if number in destroyed:  # the remains of a DESTROY cut short: never carried on
+                continue
+            path = source / file_name(number)
+            opened = old_sealer.open_key_file(key_id, number, path.read_bytes(), path)
+            _write_fsynced(target / file_name(number), new_sealer.seal_key_file(opened))
+            opened.wipe()
         fsync_directory(target)
         progress(key_id)
     rotation_path = old_generation / ROTATION_NAME
@@ -161,6 +166,8 @@ def rekey_offline(
 
 def repair(store_dir: Path) -> list[str]:
     """Finish or roll back an interrupted rekey: keep the live generation, remove the rest."""
+    check_private(store_dir)
+    live_generation(store_dir)
     with locked(store_dir / LOCK_NAME, blocking=False):
         return remove_other_generations(store_dir)
 
@@ -216,6 +223,8 @@ def _read_backup(archive_path: Path) -> dict[str, bytes]:
 
 def restore(archive_path: Path, store_dir: Path) -> StoreMetadata:
     """Unpack a backup into a missing or empty ``store_dir`` as its live generation."""
+    if store_dir.exists() and not store_dir.is_dir():
+        raise StoreError(f"{store_dir} exists and is not a directory")
     if store_dir.exists() and any(store_dir.iterdir()):
         raise StoreError(f"{store_dir} is not empty; restore needs an empty directory")
     try:

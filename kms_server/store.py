@@ -279,7 +279,12 @@ def write_generation_skeleton(store_dir: Path, metadata: StoreMetadata) -> Path:
 
 def check_private(store_dir: Path) -> None:
     """Refuse a store directory that group or others may enter: keys must stay private."""
-    mode = store_dir.stat().st_mode
+    try:
+        mode = store_dir.stat().st_mode
+    except FileNotFoundError:
+        raise StoreError(f"store directory {store_dir} does not exist") from None
+    except OSError as exc:
+        raise StoreError(f"cannot use store directory {store_dir}: {exc.strerror}") from None
     if mode & 0o077:
         raise StoreError(
             f"{store_dir} is accessible to group or others (mode {stat.S_IMODE(mode):04o}); "
@@ -461,12 +466,15 @@ class KeyStore:
     ) -> None:
         self.directory = store_dir
         check_private(store_dir)
+        live_generation(store_dir)  # a clear error for a directory that is not a store
+        self._lock = locked(store_dir / LOCK_NAME, blocking=False)
+        self._lock_fd = self._lock.__enter__()
+        # Read and check only under the lock: an offline rekey cannot switch generations now.
         self.metadata = read_metadata(store_dir)
         expected = self.metadata.kek_check.encode()
         if not constant_time_equal(kek_check_value(kek, self.metadata.store_id).encode(), expected):
+            self._lock.__exit__(None, None, None)
             raise StoreError("wrong KEK: it does not match the store's check value")
-        self._lock = locked(store_dir / LOCK_NAME, blocking=False)
-        self._lock_fd = self._lock.__enter__()
         for name in remove_other_generations(store_dir):
             log.info("removed %s: left by an interrupted or finished rekey", name)
         self.generation = live_generation(store_dir)

@@ -26,15 +26,20 @@ from kms_server.kek import (
     PassphraseCommand,
     obtain_for_store,
 )
+from kms_server.keys import KeyVersion
 from kms_server.store import (
     KEYS_DIR,
+    LIVE_LINK,
     METADATA_NAME,
+    STATE_NAME,
     STORE_FORMAT,
     KeyFileDamaged,
+    KeyState,
     KeyStore,
     StoreError,
     init_store,
     kek_check_value,
+    live_generation,
     read_metadata,
 )
 
@@ -84,8 +89,17 @@ def write_key(store: KeyStore, key_id: str, version: int = 1, exportable: bool =
     return bytes(opened.material)
 
 
+def generation(store_dir: Path) -> Path:
+    """The live generation directory (``<store>/gen-N``, named by the ``live`` link)."""
+    return live_generation(store_dir)
+
+
+def metadata_file(store_dir: Path) -> Path:
+    return generation(store_dir) / METADATA_NAME
+
+
 def key_file(store_dir: Path, key_id: str, version: int) -> Path:
-    return store_dir.joinpath(KEYS_DIR, *key_id.split("/"), f"_v{version}.key")
+    return generation(store_dir).joinpath(KEYS_DIR, *key_id.split("/"), f"_v{version}.key")
 
 
 def temp_files(root: Path) -> list[Path]:
@@ -96,17 +110,25 @@ def temp_files(root: Path) -> list[Path]:
 
 
 def test_init_creates_private_layout_and_metadata(store_dir: Path, kek: bytes) -> None:
+    assert sorted(path.name for path in store_dir.iterdir()) == sorted([LIVE_LINK, "gen-1"])
+    live = store_dir / LIVE_LINK
+    assert live.is_symlink()
+    assert os.readlink(live) == "gen-1"  # relative: the store may be moved or restored elsewhere
+    first = store_dir / "gen-1"
+    assert generation(store_dir) == first
     assert mode_of(store_dir) == 0o700
-    assert mode_of(store_dir / KEYS_DIR) == 0o700
-    assert mode_of(store_dir / METADATA_NAME) == 0o600
-    document = json.loads((store_dir / METADATA_NAME).read_text())
+    assert mode_of(first) == 0o700
+    assert mode_of(first / KEYS_DIR) == 0o700
+    assert mode_of(first / METADATA_NAME) == 0o600
+    assert sorted(path.name for path in first.iterdir()) == sorted([KEYS_DIR, METADATA_NAME])
+    document = json.loads((first / METADATA_NAME).read_text())
     assert document["format"] == STORE_FORMAT
+    assert document["generation"] == 1
     uuid.UUID(document["store_id"])
     assert document["kek"] == {"kind": "file"}
     assert document["kek_check"] == kek_check_value(kek, document["store_id"])
     assert document["created"] == NOW
-    assert kek.hex() not in (store_dir / METADATA_NAME).read_text()
-    assert sorted(path.name for path in store_dir.iterdir()) == sorted([KEYS_DIR, METADATA_NAME])
+    assert kek.hex() not in (first / METADATA_NAME).read_text()
 
 
 def test_init_into_existing_empty_dir_tightens_its_mode(tmp_path: Path) -> None:
@@ -149,10 +171,11 @@ def test_init_refuses_non_empty_dir(tmp_path: Path) -> None:
 
 
 def test_init_refuses_an_existing_store_and_a_file(store_dir: Path, tmp_path: Path) -> None:
-    before = (store_dir / METADATA_NAME).read_bytes()
+    before = metadata_file(store_dir).read_bytes()
     with pytest.raises(StoreError):
         new_store(store_dir)
-    assert (store_dir / METADATA_NAME).read_bytes() == before
+    assert metadata_file(store_dir).read_bytes() == before
+    assert sorted(os.listdir(store_dir)) == sorted([LIVE_LINK, "gen-1"])
     (tmp_path / "file").write_bytes(b"x")
     with pytest.raises(StoreError):
         new_store(tmp_path / "file")
@@ -165,12 +188,16 @@ def test_open_refuses_wrong_kek(store_dir: Path, kek: bytes) -> None:
     KeyStore(store_dir, kek, clock=clock).close()
 
 
-def test_open_refuses_missing_or_damaged_metadata(tmp_path: Path, kek: bytes) -> None:
+def test_open_refuses_a_missing_store(tmp_path: Path, kek: bytes) -> None:
+    """A missing store is a StoreError (kmsd exit 3), like every other unusable store."""
     with pytest.raises(StoreError):
         KeyStore(tmp_path / "nothing", kek, clock=clock)
+
+
+def test_open_refuses_missing_or_damaged_metadata(tmp_path: Path, kek: bytes) -> None:
     directory = tmp_path / "store"
     new_store(directory, kek)
-    metadata = directory / METADATA_NAME
+    metadata = metadata_file(directory)
     good = metadata.read_bytes()
     for damaged in (
         b"",
@@ -182,6 +209,48 @@ def test_open_refuses_missing_or_damaged_metadata(tmp_path: Path, kek: bytes) ->
         metadata.write_bytes(damaged)
         with pytest.raises(StoreError):
             KeyStore(directory, kek, clock=clock)
+    metadata.write_bytes(good)
+    KeyStore(directory, kek, clock=clock).close()
+    metadata.unlink()
+    with pytest.raises(StoreError):
+        KeyStore(directory, kek, clock=clock)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param(None, id="missing"),
+        pytest.param("gen-2", id="dangling"),
+        pytest.param("../elsewhere", id="outside"),
+        pytest.param("keys", id="not-a-generation"),
+        pytest.param("gen-0", id="generation-zero"),
+    ],
+)
+def test_open_refuses_a_missing_or_strange_live_link(
+    store_dir: Path, kek: bytes, target: str | None
+) -> None:
+    (store_dir / LIVE_LINK).unlink()
+    if target is not None:
+        os.symlink(target, store_dir / LIVE_LINK)
+    with pytest.raises(StoreError):
+        KeyStore(store_dir, kek, clock=clock)
+    assert (store_dir / "gen-1" / METADATA_NAME).is_file()  # nothing removed on the way
+
+
+def test_open_removes_generations_that_are_not_live(store_dir: Path, kek: bytes) -> None:
+    """The remains of a rekey (a half-made next generation, the previous one) go at open."""
+    first = KeyStore(store_dir, kek, clock=clock)
+    material = write_key(first, "app", 1, exportable=True)
+    first.close()
+    shutil.copytree(store_dir / "gen-1", store_dir / "gen-2")  # half-made or finished: unlinked
+    (store_dir / "gen-7").mkdir(mode=0o700)
+    os.symlink("gen-1", store_dir / ".live-0123abcd")  # a link switch that never happened
+    reopened = KeyStore(store_dir, kek, clock=clock)
+    try:
+        assert sorted(os.listdir(store_dir)) == sorted([LIVE_LINK, "gen-1", ".lock"])
+        assert bytes(reopened.version("app", 1).material) == material
+    finally:
+        reopened.close()
 
 
 def test_open_refuses_a_store_others_can_enter(store_dir: Path, kek: bytes) -> None:
@@ -213,7 +282,8 @@ def test_versions_are_private_files_named_by_key_id(store: KeyStore, store_dir: 
         assert mode_of(path) == 0o600
     assert mode_of(key_file(store_dir, "solo", 1)) == 0o600
     for directory in ("keys/pg", "keys/pg/cluster1", "keys/pg/cluster1/wal", "keys/solo"):
-        assert mode_of(store_dir / directory) == 0o700
+        assert mode_of(generation(store_dir) / directory) == 0o700
+    assert not (store_dir / KEYS_DIR).exists()  # key files live in the generation only
     assert temp_files(store_dir) == []
 
 
@@ -348,6 +418,7 @@ def test_key_file_from_another_store_with_the_same_kek_is_refused(
     one.close()
     target = key_file(tmp_path / "two", "shared", 1)
     target.parent.mkdir(mode=0o700)
+    assert target.parent.parent.parent.name == "gen-1"
     shutil.copyfile(key_file(tmp_path / "one", "shared", 1), target)
     two = KeyStore(tmp_path / "two", kek, clock=clock)
     try:
@@ -368,6 +439,35 @@ def test_unrelated_names_in_a_key_directory_are_ignored(store_dir: Path, kek: by
     try:
         assert reopened.record("k").versions == [1]
         assert reopened.version("k").version == 1
+    finally:
+        reopened.close()
+
+
+def test_state_file_is_bound_to_its_key(store_dir: Path, kek: bytes) -> None:
+    """A key's sealed state (version states, counters) does not open under another key id,
+    and an edited one does not open at all."""
+    first = KeyStore(store_dir, kek, clock=clock)
+    for key_id in ("a", "b"):
+        write_key(first, key_id)
+    first.write_state("a", KeyState(rotate_period=60))
+    first.write_state("b", KeyState(rotate_period=None))
+    first.close()
+    a_state = key_file(store_dir, "a", 1).parent / STATE_NAME
+    b_state = key_file(store_dir, "b", 1).parent / STATE_NAME
+    good_b = b_state.read_bytes()
+    shutil.copyfile(a_state, b_state)
+    reopened = KeyStore(store_dir, kek, clock=clock)
+    try:
+        assert reopened.record("a").state.rotate_period == 60
+        with pytest.raises(KeyFileDamaged):
+            reopened.record("b")
+        edited = bytearray(good_b)
+        edited[len(edited) // 2] ^= 1
+        b_state.write_bytes(bytes(edited))
+        with pytest.raises(KeyFileDamaged):
+            reopened.record("b")
+        b_state.write_bytes(good_b)
+        assert reopened.record("b").state.rotate_period is None
     finally:
         reopened.close()
 
@@ -408,37 +508,56 @@ def fast_tmp() -> Iterator[Path]:
 
 @pytest.mark.slow
 def test_large_store_opens_and_serves_fast(fast_tmp: Path) -> None:
-    """100,000 key versions (1,000 keys x 100), sealed by the store's own code path."""
+    """100,000 key versions (1,000 keys x 100) in the live generation.
+
+    The keys the test opens are sealed by the store's own code path (minus fsync), with
+    a state file each; the other 99,700 files are genuine sealed files too, but sealed for
+    a template key (sealing 100,000 files costs ~7 s; opening must not read them anyway,
+    and would refuse them if it did).
+    """
     kek = random_bytes(KEY_SIZE)
     directory = fast_tmp / "big"
     new_store(directory, kek)
     builder = KeyStore(directory, kek, clock=clock)
-    keys = 1000
-    versions = 100
+    keys, versions, opened_keys = 1000, 100, (0, 499, 999)
+
+    def sealed(key_id: str, version: int) -> bytes:
+        material = bytearray(random_bytes(KEY_SIZE))
+        return builder.sealer.seal_key_file(KeyVersion(key_id, version, NOW, False, material))
+
+    template = [sealed("tenant/template", version) for version in range(1, versions + 1)]
+    keys_dir = generation(directory) / KEYS_DIR / "tenant"
     for key in range(keys):
-        key_dir = directory / KEYS_DIR / "tenant" / f"k{key}"
+        key_dir = keys_dir / f"k{key}"
         key_dir.mkdir(mode=0o700, parents=True)
         for version in range(1, versions + 1):
-            sealed = builder._seal_file(  # the store's sealing path, minus fsync
-                f"tenant/k{key}", version, NOW, False, bytearray(random_bytes(KEY_SIZE))
-            )
+            if key in opened_keys:
+                data = sealed(f"tenant/k{key}", version)
+            else:
+                data = template[version - 1]
             fd = os.open(key_dir / f"_v{version}.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.write(fd, sealed)
+                os.write(fd, data)
             finally:
                 os.close(fd)
+    for key in opened_keys:
+        builder.write_state(f"tenant/k{key}", KeyState(rotate_period=86400))
     builder.close()
+    assert sum(1 for _ in keys_dir.rglob("_v*.key")) == keys * versions
 
     started = time.monotonic()
     opened = KeyStore(directory, kek, clock=clock)
     try:
         assert time.monotonic() - started < 2.0
         started = time.monotonic()
-        for key in (0, 499, 999):
+        for key in opened_keys:
             latest = opened.version(f"tenant/k{key}")
             assert latest.version == versions
             assert opened.version(f"tenant/k{key}", 1).version == 1
+            assert opened.record(f"tenant/k{key}").state.rotate_period == 86400
         assert time.monotonic() - started < 1.0
+        with pytest.raises(KeyFileDamaged):  # the template copies are refused when opened
+            opened.version("tenant/k1", 1)
     finally:
         opened.close()
 
