@@ -459,7 +459,9 @@ def serve_store(
     watch = watch_transit(settings, source)
     try:
         rekeyer = online_rekeyer(store, settings.passphrase_timeout)
-        dispatcher = Dispatcher(store, __version__, rekeyer)
+        dispatcher = Dispatcher(
+            store, __version__, rekeyer, (lambda: watch.status) if watch else (lambda: "ok")
+        )
         server = Server(dispatcher, listener, settings.limits(), access, audit)
         store.announce(settings.socket)
         log.info(

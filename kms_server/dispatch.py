@@ -73,10 +73,16 @@ Reply = tuple[bytes, int | None]
 
 class Dispatcher:
     def __init__(
-        self, store: KeyStore, server_version: str, rekeyer: Rekeyer | None = None
+        self,
+        store: KeyStore,
+        server_version: str,
+        rekeyer: Rekeyer | None = None,
+        kek_status: Callable[[], str] = lambda: "ok",
     ) -> None:
         self.store = self._store = store
         self._rekeyer = rekeyer
+        #: "ok", or "degraded: <why>" while an upstream key service cannot unwrap the root.
+        self._kek_status = kek_status
         self._hello = format_ok(PROTOCOL_NAME.encode(), server_version.encode("ascii"))
         self._help = format_ok(*(verb.encode() for verb in VERBS))
 
@@ -184,6 +190,7 @@ class Dispatcher:
             "exportable": exportable,
             "rotate_period": record.state.rotate_period,
             "versions": versions,
+            "kek": {"source": store.metadata.kek["kind"], "status": self._kek_status()},
         }
         return json.dumps(document, separators=(",", ":"))
 
