@@ -48,6 +48,7 @@ from kms_server.server import (
     run,
 )
 from kms_server.store import (
+    LIVE_LINK,
     LOCK_NAME,
     METADATA_NAME,
     WRITE_LOCK_NAME,
@@ -234,7 +235,7 @@ def init(store: Path, **kek_settings: Any) -> None:
 def create_dev_store() -> Settings:
     """The ``--dev`` store: ``./.kms-dev`` with a random KEK file inside and a ``demo`` key."""
     kek_file = DEV_STORE / DEV_KEK_NAME
-    if not (DEV_STORE / "kms-store.json").exists():
+    if not (DEV_STORE / LIVE_LINK).exists():
         DEV_STORE.mkdir(mode=0o700, exist_ok=True)
         if not kek_file.exists():
             fresh = bytearray(random_bytes(KEY_SIZE))

@@ -574,9 +574,14 @@ class KeyStore:
             return opened
         if number not in record.files:
             usage = record.state.usage.get(number)  # never create an entry for a probe
-            if usage is not None and usage.state == DESTROYED:
+            if usage is None:
+                raise KeyNotFound()
+            if usage.state == DESTROYED:
                 raise Retired("key version was destroyed")
-            raise KeyNotFound()
+            log.error(
+                "key %s version %d: its file is missing: refusing to serve it", key_id, number
+            )
+            raise KeyFileDamaged()
         path = self.key_directory(key_id) / file_name(number)
         try:
             data = path.read_bytes()

@@ -264,7 +264,7 @@ def test_key_file_moved_to_another_key_id_is_refused(daemon: Daemon) -> None:
     b_material = ok(ask(path, b"GET b"))[1]
     assert wait_exit_after(daemon, signal.SIGTERM) == 0
 
-    keys = daemon.store / "keys"
+    keys = daemon.store / "live" / "keys"
     (keys / "c").mkdir(mode=0o700)
     os.rename(keys / "a" / "_v1.key", keys / "c" / "_v1.key")
     shutil.copyfile(keys / "b" / "_v1.key", keys / "b" / "_v2.key")
@@ -286,7 +286,7 @@ def test_key_file_moved_to_another_key_id_is_refused(daemon: Daemon) -> None:
     )
     assert [code(reply) for reply in replies[:8]] == [b"INTERNAL"] * 8
     assert ok(replies[8]) == [b"1", b_material]
-    assert code(replies[9]) == b"NOT_FOUND"
+    assert code(replies[9]) == b"INTERNAL"  # a's state still names version 1: damage, not absence
     for reply in replies:
         assert material not in reply
     assert ask(path, b"PING") == b"OK PONG"
@@ -370,10 +370,10 @@ def test_create_and_rotate_write_private_version_files(shared_daemon: Daemon) ->
     assert ask(path, b"CREATE pg/cluster1/wal") == b"OK 1"
     assert ask(path, b"ROTATE pg/cluster1/wal") == b"OK 2"
     assert code(ask(path, b"CREATE pg/cluster1/wal")) == b"EXISTS"
-    keys = shared_daemon.store / "keys"
+    keys = shared_daemon.store / "live" / "keys"
     directory = keys / "pg" / "cluster1" / "wal"
-    assert sorted(os.listdir(directory)) == ["_v1.key", "_v2.key"]
-    for name in ("_v1.key", "_v2.key"):
+    assert sorted(os.listdir(directory)) == ["_state.seal", "_v1.key", "_v2.key"]
+    for name in ("_state.seal", "_v1.key", "_v2.key"):
         assert stat.S_IMODE(os.lstat(directory / name).st_mode) == 0o600
     for level in (keys / "pg", keys / "pg" / "cluster1", directory):
         assert stat.S_IMODE(os.lstat(level).st_mode) == 0o700

@@ -99,7 +99,7 @@ def test_init_with_kek_file_makes_a_usable_store(short_tmp: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr.decode()
     assert stat.S_IMODE((short_tmp / "store").stat().st_mode) == 0o700
-    metadata = json.loads((short_tmp / "store" / "kms-store.json").read_text())
+    metadata = json.loads((short_tmp / "store" / "live" / "kms-store.json").read_text())
     assert metadata["kek"]["kind"] == "file"
     daemon = Daemon(short_tmp)
     daemon.start()
@@ -114,14 +114,14 @@ def test_init_twice_is_refused(short_tmp: Path) -> None:
     write_kek(short_tmp / "kek")
     first = kmsd("init", "--store", short_tmp / "store", "--kek-file", short_tmp / "kek")
     assert first.returncode == 0
-    before = (short_tmp / "store" / "kms-store.json").read_bytes()
+    before = (short_tmp / "store" / "live" / "kms-store.json").read_bytes()
     write_kek(short_tmp / "kek2")
     for kek in ("kek", "kek2"):
         assert_fails(
             kmsd("init", "--store", short_tmp / "store", "--kek-file", short_tmp / kek),
             EXIT_STORE,
         )
-    assert (short_tmp / "store" / "kms-store.json").read_bytes() == before
+    assert (short_tmp / "store" / "live" / "kms-store.json").read_bytes() == before
 
 
 def test_init_refuses_a_non_empty_directory(short_tmp: Path) -> None:
@@ -191,7 +191,7 @@ def test_passphrase_store_end_to_end(short_tmp: Path) -> None:
     good = python_command("print('correct horse battery staple')")
     result = kmsd("init", "--store", store, "--passphrase-command", good)
     assert result.returncode == 0, result.stderr
-    recorded = json.loads((store / "kms-store.json").read_text())["kek"]
+    recorded = json.loads((store / "live" / "kms-store.json").read_text())["kek"]
     assert (recorded["kind"], recorded["kdf"]) == ("passphrase", "argon2id")
     assert (recorded["iterations"], recorded["lanes"], recorded["memory_kib"]) == (3, 4, 65536)
     assert len(base64.b64decode(recorded["salt"])) == 16
@@ -382,13 +382,13 @@ def test_dev_mode(short_tmp: Path) -> None:
         assert first.startswith(b"OK 1 ")
         assert len(base64.b64decode(first.split()[2])) == 32
     assert "not for production" in log.read_text().lower()
-    store_id = json.loads((cwd / ".kms-dev" / "kms-store.json").read_text())["store_id"]
+    store_id = json.loads((cwd / ".kms-dev" / "live" / "kms-store.json").read_text())["store_id"]
     with serving("--dev", socket_path=socket_path, log=log, cwd=cwd):
         assert ask(socket_path, b"GET demo") == first
         info = json.loads(ask(socket_path, b"INFO demo")[3:])
         assert info["latest"] == 1
         assert info["exportable"] is True
-    assert json.loads((cwd / ".kms-dev" / "kms-store.json").read_text())["store_id"] == store_id
+    assert json.loads((cwd / ".kms-dev" / "live" / "kms-store.json").read_text())["store_id"] == store_id
     for path in (cwd / ".kms-dev").rglob("*"):
         expected = 0o700 if path.is_dir() else 0o600
         assert stat.S_IMODE(path.stat().st_mode) == expected, path

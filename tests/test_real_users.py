@@ -424,7 +424,7 @@ def test_without_an_acl_only_the_daemon_uid_is_served(
         users[OTHER], other_daemon, "CREATE mine exportable", "GET mine", "INFO mine"
     )
     assert [code for code, _ in results] == ["OK", "OK", "OK"]
-    key_files = list((other_daemon.store / "keys" / "mine").iterdir())
+    key_files = list((other_daemon.store / "live" / "keys" / "mine").iterdir())
     assert key_files
     assert {(f.stat().st_uid, f.stat().st_gid) for f in key_files} == {
         (users[OTHER].uid, users[OTHER].gid)
