@@ -48,6 +48,9 @@ R = TypeVar("R")
 
 # --------------------------------------------------------------------------- framing
 
+#: Lines shorter than this are framed by one ``bytes.split``; longer ones by ``find``.
+_SPLIT_BELOW = 256
+
 
 class LineFramer:
     """Splits a byte stream into lines, refusing any line longer than ``max_line``.
@@ -61,7 +64,16 @@ class LineFramer:
     LF arrives, so large pipelined batches and long lines both cost linear time.
     """
 
-    __slots__ = ("_buffer", "_max_line", "_partial", "_partial_size", "_start", "last_line_size")
+    __slots__ = (
+        "_buffer",
+        "_max_line",
+        "_partial",
+        "_partial_size",
+        "_start",
+        "last_line_size",
+        "too_long",
+        "wire_sizes",
+    )
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self._buffer = b""
@@ -71,8 +83,20 @@ class LineFramer:
         self._max_line = max_line
         #: Bytes the last returned line took on the wire, with its CR and LF.
         self.last_line_size = 0
+        #: Set by :meth:`feed_lines` when a line over the limit followed the lines it returned.
+        self.too_long = False
+        #: After :meth:`feed_lines`: each returned line's size on the wire (CR and LF
+        #: included), or None when every one ended with a bare LF (``len(line) + 1``).
+        self.wire_sizes: list[int] | None = None
 
     def feed(self, data: bytes) -> None:
+        buffer = self._buffer
+        start = self._start
+        if start < len(buffer) and buffer.find(b"\n", start) >= 0:
+            # Complete lines not read yet stay complete lines, ahead of the new bytes.
+            self._buffer = buffer[start:] + data
+            self._start = 0
+            return
         self._set_aside_tail()
         if self._partial:
             self._partial.append(data)
@@ -110,6 +134,67 @@ class LineFramer:
         self.last_line_size = newline + 1 - start
         return buffer[start:end]
 
+    def feed_lines(self, data: bytes) -> list[bytes]:
+        """Feed ``data`` and return every complete line buffered: ``feed`` then ``lines``, batched.
+
+        Instead of raising :class:`TooLong`, it returns the lines before the
+        overlong one and sets :attr:`too_long` (the framer is then spent). Sizes on the
+        wire are in :attr:`wire_sizes`. Short lines are split with one
+        ``bytes.split`` (in C, about 20x cheaper a line than :meth:`next_line`);
+        long ones (whose bytes ``split`` would walk one by one) go through
+        :meth:`next_line`, which skips through them with memchr.
+        """
+        first = data.find(b"\n")
+        if (
+            first < 0
+            or first >= _SPLIT_BELOW  # a long first line
+            or data.rfind(b"\n") < len(data) - _SPLIT_BELOW  # a long unfinished last line
+            or self.too_long
+            or self._start < len(self._buffer)
+        ):
+            return self._feed_lines_one_by_one(data)
+        parts = data.split(b"\n")
+        partial = self._partial
+        if partial:  # the first part completes the line set aside
+            partial.append(parts[0])
+            parts[0] = first_line = b"".join(partial)
+            partial.clear()
+            self._partial_size = 0
+        else:
+            first_line = parts[0]
+        tail = parts.pop()
+        if b"\r" in data or b"\r" in first_line:
+            self.wire_sizes = [len(part) + 1 for part in parts]
+            parts = [part[:-1] if part[-1:] == b"\r" else part for part in parts]
+        else:
+            self.wire_sizes = None
+        limit = self._max_line
+        if len(data) > limit or len(first_line) > limit:
+            for index, part in enumerate(parts):
+                if len(part) > limit:
+                    self.too_long = True
+                    return parts[:index]
+        if tail:
+            partial.append(tail)
+            self._partial_size = len(tail)
+            if len(tail) > limit + 1:
+                self.too_long = True
+        return parts
+
+    def _feed_lines_one_by_one(self, data: bytes) -> list[bytes]:
+        lines: list[bytes] = []
+        sizes: list[int] = []
+        if not self.too_long:
+            self.feed(data)
+            try:
+                while (line := self.next_line()) is not None:
+                    lines.append(line)
+                    sizes.append(self.last_line_size)
+            except TooLong:
+                self.too_long = True
+        self.wire_sizes = sizes
+        return lines
+
     def lines(self) -> Iterator[bytes]:
         """Yield every complete line buffered so far."""
         while (line := self.next_line()) is not None:
@@ -124,11 +209,28 @@ class LineFramer:
 # --------------------------------------------------------------------------- field codecs
 
 
+#: Key ids already validated, and their text: a dict hit costs a tenth of the regex.
+#: Bounded (emptied when full): ids are at most 255 bytes, so it holds at most ~2 MB.
+_VALID_KEY_IDS: dict[bytes, str] = {}
+_VALID_KEY_IDS_MAX = 4096
+
+
 def validate_key_id(token: bytes) -> str:
     """Return the key id as text, or raise :class:`BadKeyId`."""
+    try:
+        key_id = _VALID_KEY_IDS.get(token)
+    except TypeError:  # a bytearray or memoryview: not hashable
+        token = bytes(token)
+        key_id = _VALID_KEY_IDS.get(token)
+    if key_id is not None:
+        return key_id
     if len(token) > MAX_KEY_ID_LENGTH or _KEY_ID_RE.fullmatch(token) is None:
         raise BadKeyId()
-    return token.decode("ascii")
+    key_id = token.decode("ascii")
+    if len(_VALID_KEY_IDS) >= _VALID_KEY_IDS_MAX:
+        _VALID_KEY_IDS.clear()
+    _VALID_KEY_IDS[token] = key_id
+    return key_id
 
 
 def parse_version(token: bytes) -> int:
@@ -141,6 +243,13 @@ def parse_version(token: bytes) -> int:
 
 
 def _decode_stdlib(token: bytes) -> bytes:
+    # binascii's strict mode still takes padding past a whole quantum ("0000=",
+    # "AAAA===="): only a length that is a multiple of 4, with "=" in the last two
+    # places at most, is the one spelling pybase64 (validate=True) accepts.
+    size = len(token)
+    padding = token.find(b"=")
+    if size % 4 or 0 <= padding < size - 2:
+        raise binascii.Error("invalid base64 padding")
     return binascii.a2b_base64(token, strict_mode=True)
 
 
@@ -744,7 +853,8 @@ def parse_request(line: bytes) -> Request[Any]:
     tokens = line.split(b" ") if len(line) < _LONG_LINE else _split_long(line)
     if b"" in tokens:
         raise BadRequest("tokens are separated by single spaces")
-    parser = _PARSERS.get(tokens[0].upper())
+    verb = tokens[0]
+    parser = _PARSERS.get(verb) or _PARSERS.get(verb.upper())  # upper case first: cheaper
     if parser is None:
         if not line.isascii():
             raise BadRequest("request is not ASCII")

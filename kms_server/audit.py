@@ -13,9 +13,13 @@ the key id (its grammar has no characters that need JSON escaping) and the
 result code. Request arguments other than the key id are never looked at.
 
 Lines are collected while a batch of pipelined requests is served and written
-with one ``write`` per batch, so auditing costs a few percent of a request,
-not a system call each. A file is opened with ``O_APPEND`` and reopened on
-SIGHUP, so logrotate can move it away.
+with one ``write`` per batch, before the batch's replies are sent (a client never
+holds a key whose use is not yet recorded), so auditing costs a few percent of a
+request, not a system call each. The clock is read once per batch (and again after
+each request that changes the store): ``time`` is when the batch was served.
+
+A file is opened with ``O_APPEND`` and reopened on SIGHUP, so logrotate can move
+it away.
 """
 
 from __future__ import annotations
@@ -74,12 +78,11 @@ class AuditLog:
         )
 
     def timestamp(self) -> str:
-        now = time.time()
-        second = int(now)
+        second, micros = divmod(time.time_ns() // 1000, 1_000_000)
         if second != self._second:
             self._second = second
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._second_text}.{int((now - second) * 1e6):06d}Z"
+        return f"{self._second_text}.{micros:06d}Z"
 
     def line(
         self,
@@ -91,11 +94,15 @@ class AuditLog:
         bytes_in: int,
         bytes_out: int,
         micros: int,
+        stamp: str | None = None,
     ) -> str:
+        """One line; ``stamp`` (from :meth:`timestamp`) lets a batch share one reading."""
+        if stamp is None:
+            stamp = self.timestamp()
         key = "null" if key_id is None else f'"{key_id}"'
         number = "null" if version is None else version
         return (
-            f'{{"time":"{self.timestamp()}",{prefix}"verb":"{verb}","key_id":{key},'
+            f'{{"time":"{stamp}",{prefix}"verb":"{verb}","key_id":{key},'
             f'"version":{number},"result":"{result}","bytes_in":{bytes_in},'
             f'"bytes_out":{bytes_out},"us":{micros}}}\n'
         )
@@ -103,9 +110,11 @@ class AuditLog:
     def write(self, lines: list[str]) -> None:
         """Write a batch of lines with one system call (best effort on a full disk)."""
         data = "".join(lines).encode("ascii", "replace")
-        view = memoryview(data)
         try:
-            while view:
-                view = view[os.write(self._fd, view) :]
+            written = os.write(self._fd, data)
+            if written < len(data):  # a pipe or a signal may take part of it
+                view = memoryview(data)[written:]
+                while view:
+                    view = view[os.write(self._fd, view) :]
         except OSError:
             pass  # an audit sink that fails must not take the key service down

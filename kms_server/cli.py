@@ -29,7 +29,7 @@ import trio
 from kms_client.errors import KmsError
 from kms_client.protocol import Rekey
 from kms_client.sync import Client
-from kms_server import __version__, maintenance
+from kms_server import __version__, maintenance, systemd
 from kms_server.acl import Acl, AclError
 from kms_server.audit import AuditError, AuditLog
 from kms_server.config import ConfigError, Settings, load
@@ -84,6 +84,7 @@ _EXIT_FOR = {
     StoreError: EXIT_STORE,
     KekError: EXIT_KEK,
     ServerError: EXIT_SOCKET,
+    systemd.ActivationError: EXIT_SOCKET,
     AclError: EXIT_CONFIG,
     AuditError: EXIT_CONFIG,
 }
@@ -455,8 +456,10 @@ def serve_store(
     settings: Settings, store: KeyStore, access: AccessControl, source: KekSource
 ) -> None:
     audit = AuditLog(settings.audit_log)
-    listener = bind_unix_socket(settings.socket, settings.socket_mode)
-    bound = os.lstat(settings.socket)
+    inherited = systemd.inherited_listener()
+    listener = inherited or bind_unix_socket(settings.socket, settings.socket_mode)
+    # A socket systemd passed us is systemd's: we neither chmod nor remove it.
+    bound = None if inherited else os.lstat(settings.socket)
     watch = watch_transit(settings, source)
     try:
         rekeyer = online_rekeyer(store, settings.passphrase_timeout)
@@ -473,13 +476,16 @@ def serve_store(
             store.metadata.kek["kind"],
         )
         announce_access(access)
-        trio.run(run, server)
+        if inherited:
+            log.info("serving the socket systemd passed (socket activation)")
+        trio.run(run, server, f"store {settings.store} on {settings.socket}")
     finally:
         if watch is not None:
             watch.stop()
         listener.close()
         audit.close()
-        remove_socket(settings.socket, bound)
+        if bound is not None:
+            remove_socket(settings.socket, bound)
     log.info("stopped")
 
 

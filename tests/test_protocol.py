@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import itertools
 import json
 import operator
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kms_client import protocol
 from kms_client.errors import (
     BadRequest,
     ErrorCode,
@@ -51,6 +53,7 @@ from kms_client.protocol import (
     format_ok,
     parse_request,
     parse_response,
+    validate_key_id,
 )
 
 BAD_REQUEST = ErrorCode.BAD_REQUEST
@@ -218,6 +221,7 @@ def test_valid_key_ids(key_id: str) -> None:
 def test_help_lists_every_verb_once() -> None:
     assert VERBS == (
         "PING", "HELLO", "HELP", "QUIT", "CREATE", "ROTATE", "INFO", "GET", "ENC", "DEC", "DATAKEY",
+        "REWRAP", "RETIRE", "RESTORE", "DESTROY", "CONFIG", "REKEY",
     )  # fmt: skip
 
 
@@ -667,3 +671,156 @@ def test_split_points_do_not_change_the_lines(
         expected = [line.removesuffix(b"\r") for line in data.split(b"\n")[:-1]]
         assert lines == expected
     assert all(len(line) <= max_line for line in lines)
+
+
+# --------------------------------------------------------------------------- feed_lines (daemon)
+
+_SEGMENTS = st.lists(
+    st.one_of(
+        st.binary(max_size=20),
+        st.sampled_from(
+            [b"\n", b"\r\n", b"\r", b"PING\n", b"GET k\r\n", b"x" * 63, b"y" * 300, b"z" * 700]
+        ),
+    ),
+    max_size=30,
+).map(b"".join)
+
+
+def _frame_one_by_one(chunks: list[bytes], max_line: int) -> tuple[list[bytes], list[int], bool]:
+    framer = LineFramer(max_line)
+    lines: list[bytes] = []
+    sizes: list[int] = []
+    try:
+        for chunk in chunks:
+            framer.feed(chunk)
+            while (line := framer.next_line()) is not None:
+                lines.append(line)
+                sizes.append(framer.last_line_size)
+    except TooLong:
+        return lines, sizes, True
+    return lines, sizes, False
+
+
+@PROPERTY
+@given(st.data(), _SEGMENTS, st.sampled_from([1, 8, 64, 256, 299, 300, 301, 1000, 1 << 20]))
+def test_feed_lines_equals_feed_then_lines(
+    data: st.DataObject, stream: bytes, max_line: int
+) -> None:
+    """Batched framing gives the same lines, wire sizes, TooLong point and partial state."""
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    chunks = [stream[a:b] for a, b in itertools.pairwise([0, *cuts, len(stream)])]
+    framer = LineFramer(max_line)
+    lines: list[bytes] = []
+    sizes: list[int] = []
+    for chunk in chunks:
+        batch = framer.feed_lines(chunk)
+        wire = framer.wire_sizes
+        sizes += [len(line) + 1 for line in batch] if wire is None else wire[: len(batch)]
+        lines += batch
+        if framer.too_long:
+            break
+    assert (lines, sizes, framer.too_long) == _frame_one_by_one(chunks, max_line)
+    if not framer.too_long:
+        assert framer.has_partial_line == bool(stream.split(b"\n")[-1])
+
+
+def test_feed_lines_stops_before_an_overlong_line_and_stays_spent() -> None:
+    framer = LineFramer(8)
+    assert framer.feed_lines(b"PING\r\nPING\n" + b"x" * 9 + b"\nPING\n") == [b"PING", b"PING"]
+    assert framer.too_long
+    assert framer.wire_sizes is not None
+    assert framer.wire_sizes[:2] == [6, 5]
+    assert framer.feed_lines(b"PING\n") == []
+
+
+def test_feed_lines_after_a_partial_line_completes_it() -> None:
+    framer = LineFramer()
+    assert framer.feed_lines(b"PING\nGE") == [b"PING"]
+    assert framer.has_partial_line
+    assert framer.feed_lines(b"T k\r") == []
+    assert framer.feed_lines(b"\nPING\n") == [b"GET k", b"PING"]
+    assert framer.wire_sizes == [7, 5]
+    assert not framer.has_partial_line
+
+
+def test_feed_twice_before_draining_keeps_complete_lines() -> None:
+    framer = LineFramer(8)
+    framer.feed(b"PING\nPING\nPING\n")
+    framer.feed(b"PI")
+    assert list(framer.lines()) == [b"PING"] * 3
+    framer.feed(b"NG\n")
+    assert list(framer.lines()) == [b"PING"]
+
+
+# --------------------------------------------------------------------------- key id cache
+
+
+def test_validated_key_ids_are_cached_without_changing_answers() -> None:
+    for _ in range(2):  # the second round answers from the cache
+        assert validate_key_id(b"pg/wal") == "pg/wal"
+        assert validate_key_id(bytearray(b"pg/wal")) == "pg/wal"  # type: ignore[arg-type]
+        for bad in (b"/pg", b"pg//wal", b"x" * (MAX_KEY_ID_LENGTH + 1), b"p\xc3\xa9"):
+            with pytest.raises(KmsError):
+                validate_key_id(bad)
+    for number in range(protocol._VALID_KEY_IDS_MAX + 10):
+        validate_key_id(f"k{number}".encode())
+    assert len(protocol._VALID_KEY_IDS) <= protocol._VALID_KEY_IDS_MAX
+
+
+# --------------------------------------------------------------------------- base64 backends
+
+try:
+    import pybase64
+
+    HAVE_PYBASE64 = True
+except ImportError:  # pragma: no cover - the daemon depends on it
+    HAVE_PYBASE64 = False
+needs_pybase64 = pytest.mark.skipif(not HAVE_PYBASE64, reason="pybase64 is not installed")
+
+_B64_SYMBOLS = st.sampled_from([*_B64_ALPHABET, "=", "-", "_", " ", "\n", "*"])
+B64_ANY = st.one_of(
+    B64_LIKE,
+    st.lists(_B64_SYMBOLS, max_size=16).map(lambda chars: "".join(chars).encode()),
+    st.builds(operator.add, B64_LIKE, st.sampled_from([b"=", b"==", b"A", b"AAAA", b"===="])),
+    st.binary(max_size=12),
+)
+
+
+def _outcome(decode: Any, token: bytes) -> bytes | None:
+    try:
+        value: bytes = decode(token)
+    except (binascii.Error, ValueError, KmsError):
+        return None
+    return value
+
+
+@needs_pybase64
+@pytest.mark.parametrize(
+    "token", [b"0000=", b"0000==", b"AAAA====", b"AAAA=", b"aGk=A", b"AA=A", b"====", b"A"]
+)
+def test_stdlib_decoder_refuses_padding_pybase64_refuses(token: bytes) -> None:
+    assert _outcome(lambda t: pybase64.b64decode(t, validate=True), token) is None
+    assert _outcome(protocol._decode_stdlib, token) is None
+
+
+@needs_pybase64
+@PROPERTY
+@given(st.one_of(B64_ANY, st.binary(max_size=48).map(base64.b64encode)))
+def test_stdlib_and_pybase64_decoders_agree(token: bytes) -> None:
+    """The fallback a client without pybase64 uses accepts exactly what the daemon accepts."""
+    assert _outcome(protocol._decode_stdlib, token) == _outcome(
+        lambda t: pybase64.b64decode(t, validate=True), token
+    )
+
+
+@PROPERTY
+@given(st.one_of(B64_ANY, st.binary(max_size=48).map(base64.b64encode)))
+def test_b64decode_strict_is_the_same_with_either_backend(token: bytes) -> None:
+    with_pybase64 = _outcome(b64decode_strict, token)
+    saved = protocol._decode
+    protocol._decode = protocol._decode_stdlib
+    try:
+        with_stdlib = _outcome(b64decode_strict, token)
+    finally:
+        protocol._decode = saved
+    assert with_stdlib == with_pybase64

@@ -48,10 +48,14 @@ def test_systemd_analyze_verify_prints_no_warning(short_tmp: Path) -> None:
     service, socket_unit = units_with_our_binary(short_tmp)
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(service), str(socket_unit)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stderr
+    assert result.stdout.strip() == "", result.stdout
+    assert result.stderr.strip() == "", result.stderr
 
 
 @needs_systemd
@@ -59,7 +63,10 @@ def test_security_exposure_is_at_most_1_5(short_tmp: Path) -> None:
     service, _ = units_with_our_binary(short_tmp)
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(service)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     match = re.search(r"Overall exposure level for kmsd\.service: ([0-9.]+)", result.stdout)
     assert match, result.stdout + result.stderr
@@ -74,9 +81,13 @@ def test_hadolint_passes_with_no_warning() -> None:
         hadolint = Path(found)
     result = subprocess.run(
         [str(hadolint), "--failure-threshold", "info", str(ROOT / "Dockerfile")],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
-    assert result.returncode == 0 and not result.stdout.strip(), result.stdout
+    assert result.returncode == 0, result.stdout
+    assert not result.stdout.strip(), result.stdout
 
 
 class NotifyListener:
@@ -124,10 +135,20 @@ def activated(short_tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, 
     ]
     listener = NotifyListener(short_tmp / "notify.sock")
     env = {**os.environ, "NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "400000"}
+    log_file = (short_tmp / "kmsd.log").open("wb")
     process = subprocess.Popen(
-        ["systemd-socket-activate", "--listen", str(socket_path),
-         "-E", "NOTIFY_SOCKET", "-E", "WATCHDOG_USEC", *command],
-        env=env, stderr=(short_tmp / "kmsd.log").open("wb"),
+        [
+            "systemd-socket-activate",
+            "--listen",
+            str(socket_path),
+            "-E",
+            "NOTIFY_SOCKET",
+            "-E",
+            "WATCHDOG_USEC",
+            *command,
+        ],
+        env=env,
+        stderr=log_file,
     )
     deadline = time.monotonic() + 10
     while not socket_path.exists() and time.monotonic() < deadline:
@@ -139,6 +160,7 @@ def activated(short_tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, 
             process.kill()
             process.wait(10)
         listener.close()
+        log_file.close()
 
 
 def ask(socket_path: Path, payload: bytes) -> bytes:
