@@ -34,7 +34,7 @@ run: deps
 	$(BIN)/kmsd serve --dev
 
 test: test-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: deps
 	$(BIN)/ruff check kms_server kms_client tests benchmarks

@@ -431,9 +431,9 @@ class KeyRecord:
         """Every version the key has had, destroyed ones included."""
         return sorted(set(self.files) | set(self.state.usage))
 
-    @property
-    def latest(self) -> int:
-        return self.versions[-1]
+    def __post_init__(self) -> None:
+        #: The highest version, kept up to date by :meth:`KeyStore.add` (read per request).
+        self.latest = max([*self.files, *self.state.usage], default=0)
 
     def usage(self, version: int) -> VersionUsage:
         return self.state.usage.setdefault(version, VersionUsage())
@@ -647,6 +647,7 @@ class KeyStore:
         self._remember(record)
         if opened.version not in record.files:
             record.files = sorted([*record.files, opened.version])
+        record.latest = max(record.latest, opened.version)
         opened.usage = record.usage(opened.version)
         record.opened[opened.version] = opened
         return record

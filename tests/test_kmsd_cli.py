@@ -382,13 +382,14 @@ def test_dev_mode(short_tmp: Path) -> None:
         assert first.startswith(b"OK 1 ")
         assert len(base64.b64decode(first.split()[2])) == 32
     assert "not for production" in log.read_text().lower()
-    store_id = json.loads((cwd / ".kms-dev" / "live" / "kms-store.json").read_text())["store_id"]
+    metadata = cwd / ".kms-dev" / "live" / "kms-store.json"
+    store_id = json.loads(metadata.read_text())["store_id"]
     with serving("--dev", socket_path=socket_path, log=log, cwd=cwd):
         assert ask(socket_path, b"GET demo") == first
         info = json.loads(ask(socket_path, b"INFO demo")[3:])
         assert info["latest"] == 1
         assert info["exportable"] is True
-    assert json.loads((cwd / ".kms-dev" / "live" / "kms-store.json").read_text())["store_id"] == store_id
+    assert json.loads(metadata.read_text())["store_id"] == store_id
     for path in (cwd / ".kms-dev").rglob("*"):
         expected = 0o700 if path.is_dir() else 0o600
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
