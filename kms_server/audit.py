@@ -25,11 +25,14 @@ it away.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 from kms_server.acl import Peer
+
+log = logging.getLogger("kmsd.audit")
 
 STDERR_FD = 2
 
@@ -44,6 +47,7 @@ class AuditLog:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._fd = self._open()
+        self._failing = False
         self._second = -1
         self._second_text = ""
 
@@ -118,5 +122,12 @@ class AuditLog:
                 view = memoryview(data)[written:]
                 while view:
                     view = view[os.write(self._fd, view) :]
-        except OSError:
-            pass  # an audit sink that fails must not take the key service down
+        except OSError as exc:
+            # A failing audit sink must not take the key service down, but it must be seen.
+            if not self._failing:
+                log.error("cannot write the audit trail: %s", exc.strerror)
+            self._failing = True
+        else:
+            if self._failing:
+                log.error("the audit trail is writable again; lines were lost meanwhile")
+            self._failing = False
