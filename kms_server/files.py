@@ -64,21 +64,26 @@ def remove_stale_temporaries(directory: Path, names: list[str]) -> None:
                 log.info("removed %s, left by an interrupted write", directory / name)
 
 
+def write_fsynced(path: Path, data: bytes) -> None:
+    """Create ``path`` (0600, must not exist) holding ``data``, fsync'ed; the directory is not."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_new_file(path: Path, data: bytes) -> None:
     """Write ``data`` to the new file ``path`` atomically and durably; never overwrite.
 
     Raises :class:`FileExistsError` when ``path`` already exists.
     """
     temporary = temporary_path(path)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    write_fsynced(temporary, data)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         os.link(temporary, path)
     finally:
         os.unlink(temporary)
@@ -88,13 +93,6 @@ def write_new_file(path: Path, data: bytes) -> None:
 def replace_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably, replacing any old content."""
     temporary = temporary_path(path)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_fsynced(temporary, data)
     os.replace(temporary, path)
     fsync_directory(path.parent)

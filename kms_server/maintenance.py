@@ -28,7 +28,7 @@ from typing import Any
 from kms_client.errors import BadRequest, KmsError
 from kms_server.crypto import constant_time_equal, wipe
 from kms_server.dispatch import Rekeyer, ThreadRunner
-from kms_server.files import fsync_directory, make_private_dirs, temporary_path
+from kms_server.files import fsync_directory, make_private_dirs, temporary_path, write_fsynced
 from kms_server.kek import KekError, KekFile, KekSource, PassphraseCommand
 from kms_server.keys import DESTROYED
 from kms_server.store import (
@@ -68,17 +68,6 @@ def check_kek(metadata: StoreMetadata, kek: bytes | bytearray) -> None:
         raise StoreError("wrong KEK: it does not match the store's check value")
 
 
-def _write_fsynced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- rekey
 
 
@@ -114,15 +103,13 @@ def build_generation(
             )
             state = KeyState.from_document(document)
             destroyed = {n for n, usage in state.usage.items() if usage.state == DESTROYED}
-            _write_fsynced(
-                target / STATE_NAME, new_sealer.seal_document(b"state", key_id, document)
-            )
+            write_fsynced(target / STATE_NAME, new_sealer.seal_document(b"state", key_id, document))
         for number in key_file_versions(source):
             if number in destroyed:  # the remains of a DESTROY cut short: never carried on
                 continue
             path = source / file_name(number)
             opened = old_sealer.open_key_file(key_id, number, path.read_bytes(), path)
-            _write_fsynced(target / file_name(number), new_sealer.seal_key_file(opened))
+            write_fsynced(target / file_name(number), new_sealer.seal_key_file(opened))
             opened.wipe()
         fsync_directory(target)
         progress(key_id)
@@ -131,7 +118,7 @@ def build_generation(
         document = old_sealer.open_document(
             b"rotation", "", rotation_path.read_bytes(), rotation_path
         )
-        _write_fsynced(
+        write_fsynced(
             generation / ROTATION_NAME, new_sealer.seal_document(b"rotation", "", document)
         )
     for directory, _, _ in os.walk(new_keys):
@@ -197,7 +184,7 @@ def backup(store_dir: Path, out: Path) -> int:
                     archive.addfile(info, io.BytesIO(data))
                     count += 1
     temporary = temporary_path(out)
-    _write_fsynced(temporary, buffer.getvalue())
+    write_fsynced(temporary, buffer.getvalue())
     os.replace(temporary, out)
     fsync_directory(out.parent)
     return count
@@ -241,7 +228,7 @@ def restore(archive_path: Path, store_dir: Path) -> StoreMetadata:
     for name, data in sorted(files.items()):
         path = generation.joinpath(*name.split("/"))
         make_private_dirs(path.parent, generation)
-        _write_fsynced(path, data)
+        write_fsynced(path, data)
     for directory, _, _ in os.walk(generation):
         fsync_directory(Path(directory))
     switch_live(store_dir, generation)
