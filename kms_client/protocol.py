@@ -391,6 +391,18 @@ def _reply_int(text: str) -> int:
     return int(text)
 
 
+def _data_arguments(key_id: str, data: bytes, aad: bytes) -> list[bytes]:
+    """``<key-id> <base64 data> [<base64 aad>]``, shared by ENC, DEC and REWRAP."""
+    args = [key_id.encode("ascii"), b64encode(data)]
+    if aad:
+        args.append(b64encode(aad))
+    return args
+
+
+def _single_b64_reply(ok: Ok) -> bytes:
+    return _reply_b64(_expect_fields(ok, 1)[0])
+
+
 # --------------------------------------------------------------------------- requests
 
 
@@ -529,13 +541,10 @@ class Encrypt(Request[bytes]):
     aad: bytes = field(default=b"", repr=False)
 
     def arguments(self) -> list[bytes]:
-        args = [self.key_id.encode("ascii"), b64encode(self.plaintext)]
-        if self.aad:
-            args.append(b64encode(self.aad))
-        return args
+        return _data_arguments(self.key_id, self.plaintext, self.aad)
 
     def parse_reply(self, ok: Ok) -> bytes:
-        return _reply_b64(_expect_fields(ok, 1)[0])
+        return _single_b64_reply(ok)
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,13 +555,10 @@ class Decrypt(Request[bytes]):
     aad: bytes = field(default=b"", repr=False)
 
     def arguments(self) -> list[bytes]:
-        args = [self.key_id.encode("ascii"), b64encode(self.ciphertext)]
-        if self.aad:
-            args.append(b64encode(self.aad))
-        return args
+        return _data_arguments(self.key_id, self.ciphertext, self.aad)
 
     def parse_reply(self, ok: Ok) -> bytes:
-        return _reply_b64(_expect_fields(ok, 1)[0])
+        return _single_b64_reply(ok)
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,13 +588,10 @@ class Rewrap(Request[bytes]):
     aad: bytes = field(default=b"", repr=False)
 
     def arguments(self) -> list[bytes]:
-        args = [self.key_id.encode("ascii"), b64encode(self.ciphertext)]
-        if self.aad:
-            args.append(b64encode(self.aad))
-        return args
+        return _data_arguments(self.key_id, self.ciphertext, self.aad)
 
     def parse_reply(self, ok: Ok) -> bytes:
-        return _reply_b64(_expect_fields(ok, 1)[0])
+        return _single_b64_reply(ok)
 
 
 @dataclass(frozen=True, slots=True)
@@ -714,13 +717,19 @@ def _parse_create(args: list[bytes]) -> Create:
     return Create(key_id, exportable, rotate_period)
 
 
-def _parse_rewrap(args: list[bytes]) -> Rewrap:
-    if not 2 <= len(args) <= 3:
-        raise BadRequest("usage: REWRAP <key-id> <base64 ciphertext> [<base64 aad>]")
-    key_id = validate_key_id(args[0])
-    ciphertext = _nonempty_b64(args[1], "ciphertext")
-    aad = _nonempty_b64(args[2], "aad") if len(args) == 3 else b""
-    return Rewrap(key_id, ciphertext, aad)
+def _data_command(cls: type[Encrypt | Decrypt | Rewrap], what: str) -> Any:
+    """The parser of ``<VERB> <key-id> <base64 data> [<base64 aad>]`` (ENC, DEC, REWRAP)."""
+    usage = f"usage: {cls.verb} <key-id> <base64 {what}> [<base64 aad>]"
+
+    def parse(args: list[bytes]) -> Encrypt | Decrypt | Rewrap:
+        if not 2 <= len(args) <= 3:
+            raise BadRequest(usage)
+        key_id = validate_key_id(args[0])
+        data = _nonempty_b64(args[1], what)
+        aad = _nonempty_b64(args[2], "aad") if len(args) == 3 else b""
+        return cls(key_id, data, aad)
+
+    return parse
 
 
 def _version_command(cls: type[_VersionCommand]) -> Any:
@@ -772,24 +781,6 @@ def _parse_get(args: list[bytes]) -> Get:
     return Get(key_id, parse_version(args[1]) if len(args) == 2 else None)
 
 
-def _parse_encrypt(args: list[bytes]) -> Encrypt:
-    if not 2 <= len(args) <= 3:
-        raise BadRequest("usage: ENC <key-id> <base64 plaintext> [<base64 aad>]")
-    key_id = validate_key_id(args[0])
-    plaintext = _nonempty_b64(args[1], "plaintext")
-    aad = _nonempty_b64(args[2], "aad") if len(args) == 3 else b""
-    return Encrypt(key_id, plaintext, aad)
-
-
-def _parse_decrypt(args: list[bytes]) -> Decrypt:
-    if not 2 <= len(args) <= 3:
-        raise BadRequest("usage: DEC <key-id> <base64 ciphertext> [<base64 aad>]")
-    key_id = validate_key_id(args[0])
-    ciphertext = _nonempty_b64(args[1], "ciphertext")
-    aad = _nonempty_b64(args[2], "aad") if len(args) == 3 else b""
-    return Decrypt(key_id, ciphertext, aad)
-
-
 def _parse_datakey(args: list[bytes]) -> GenerateDataKey:
     if not 1 <= len(args) <= 2:
         raise BadRequest("usage: DATAKEY <key-id> [<nbytes>]")
@@ -811,10 +802,10 @@ _PARSERS: dict[bytes, Any] = {
     b"ROTATE": _parse_rotate,
     b"INFO": _parse_info,
     b"GET": _parse_get,
-    b"ENC": _parse_encrypt,
-    b"DEC": _parse_decrypt,
+    b"ENC": _data_command(Encrypt, "plaintext"),
+    b"DEC": _data_command(Decrypt, "ciphertext"),
     b"DATAKEY": _parse_datakey,
-    b"REWRAP": _parse_rewrap,
+    b"REWRAP": _data_command(Rewrap, "ciphertext"),
     b"RETIRE": _version_command(Retire),
     b"RESTORE": _version_command(Restore),
     b"DESTROY": _version_command(Destroy),
