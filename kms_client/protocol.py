@@ -655,7 +655,7 @@ class Rekey(Request[int]):
     verb: ClassVar[str] = "REKEY"
     repeatable: ClassVar[bool] = False
     source: str
-    argument: str
+    argument: str = field(repr=False)  # a command may hold a passphrase
 
     def arguments(self) -> list[bytes]:
         return [self.source.encode("ascii"), b64encode(self.argument.encode())]

@@ -15,7 +15,7 @@ import os
 import shlex
 import signal
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,7 +75,7 @@ class KekFile:
 class PassphraseCommand:
     """Runs a command (no shell) and stretches the first line of its output with Argon2id."""
 
-    command: str
+    command: str = field(repr=False)  # it may hold a passphrase (`echo ...`)
     timeout: float = DEFAULT_COMMAND_TIMEOUT
     kind: str = "passphrase"
 

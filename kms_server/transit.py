@@ -384,15 +384,7 @@ class TransitSource:
     def obtain(self, description: dict[str, Any], store_id: str = "") -> bytearray:
         """Transit decrypt, once (retried only while no node can answer): the store's KEK."""
         wrapped = self._recorded(description)
-        context = binding_context(store_id)
-        answer = self._call(
-            lambda client: client.write_data(
-                f"{wrapped.mount}/decrypt/{wrapped.key}",
-                data={"ciphertext": wrapped.ciphertext, "context": context},
-            ),
-            f"decrypt with Transit key {wrapped.key!r}",
-            refusal=lambda error: self._refusal(error, wrapped.mount, wrapped.key, wrapped),
-        )
+        answer = self._on_wrapped_root("decrypt", wrapped, store_id)
         text = _data(answer, "decrypt").get("plaintext")
         try:
             root = bytearray(base64.b64decode(str(text), validate=True))
@@ -407,6 +399,18 @@ class TransitSource:
             self._wrapped = wrapped
         return root
 
+    def _on_wrapped_root(self, operation: str, wrapped: _Wrapped, store_id: str) -> Any:
+        """Transit ``decrypt`` or ``rewrap`` of the store's wrapped root, bound to its id."""
+        context = binding_context(store_id)
+        return self._call(
+            lambda client: client.write_data(
+                f"{wrapped.mount}/{operation}/{wrapped.key}",
+                data={"ciphertext": wrapped.ciphertext, "context": context},
+            ),
+            f"{operation} with Transit key {wrapped.key!r}",
+            refusal=lambda error: self._refusal(error, wrapped.mount, wrapped.key, wrapped),
+        )
+
     def rewrap(self, description: dict[str, Any], store_id: str = "") -> dict[str, Any]:
         """The description with the root rewrapped under the newest Transit key version.
 
@@ -416,15 +420,7 @@ class TransitSource:
         same version comes back (a fresh ciphertext of it).
         """
         wrapped = self._recorded(description)
-        context = binding_context(store_id)
-        answer = self._call(
-            lambda client: client.write_data(
-                f"{wrapped.mount}/rewrap/{wrapped.key}",
-                data={"ciphertext": wrapped.ciphertext, "context": context},
-            ),
-            f"rewrap with Transit key {wrapped.key!r}",
-            refusal=lambda error: self._refusal(error, wrapped.mount, wrapped.key, wrapped),
-        )
+        answer = self._on_wrapped_root("rewrap", wrapped, store_id)
         ciphertext = _data(answer, "rewrap").get("ciphertext")
         if not isinstance(ciphertext, str) or not (match := _CIPHERTEXT.fullmatch(ciphertext)):
             raise KekError("the Transit service sent an unexpected answer to rewrap")

@@ -50,20 +50,6 @@ needs_bao = pytest.mark.skipif(
 )
 
 
-def _kmsd_has_transit() -> bool:
-    try:
-        result = subprocess.run(
-            [*KMSD, "serve", "--help"], capture_output=True, timeout=60, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return b"--kek-transit" in result.stdout
-
-
-CLI_WIRED = _kmsd_has_transit()
-needs_cli = pytest.mark.skipif(
-    not CLI_WIRED, reason="kmsd has no --kek-transit flags yet (cli.py/config.py wiring pending)"
-)
 pytestmark = needs_bao
 
 
@@ -673,12 +659,9 @@ class Kmsd:
 
 @pytest.fixture
 def cli_bao(own_bao: DevServer) -> DevServer:
-    if not CLI_WIRED:
-        pytest.skip("kmsd has no --kek-transit flags yet")
     return own_bao
 
 
-@needs_cli
 def test_cli_init_serve_restart(cli_bao: DevServer, token_file: Path, short_tmp: Path) -> None:
     store = short_tmp / "store"
     flags = transit_flags(cli_bao, token_file)
@@ -693,7 +676,6 @@ def test_cli_init_serve_restart(cli_bao: DevServer, token_file: Path, short_tmp:
     assert kmsd("verify", "--store", store, *flags).returncode == 0
 
 
-@needs_cli
 def test_cli_wrong_token_exits_4(cli_bao: DevServer, short_tmp: Path) -> None:
     bad = short_tmp / "bad-token"
     bad.write_text("s.wrong")
@@ -706,7 +688,6 @@ def test_cli_wrong_token_exits_4(cli_bao: DevServer, short_tmp: Path) -> None:
     assert time.monotonic() - started < 15
 
 
-@needs_cli
 def test_cli_openbao_down_at_start_exits_4_after_the_timeout(
     cli_bao: DevServer, token_file: Path, short_tmp: Path
 ) -> None:
@@ -723,7 +704,6 @@ def test_cli_openbao_down_at_start_exits_4_after_the_timeout(
     assert 1 <= time.monotonic() - started < 15
 
 
-@needs_cli
 def test_cli_keeps_serving_when_openbao_goes_away(
     cli_bao: DevServer, token_file: Path, short_tmp: Path
 ) -> None:
@@ -740,7 +720,6 @@ def test_cli_keeps_serving_when_openbao_goes_away(
         assert exchange(daemon.socket, b"PING\n") == b"OK PONG\n"
 
 
-@needs_cli
 def test_cli_rewrap_after_rotation(cli_bao: DevServer, token_file: Path, short_tmp: Path) -> None:
     store = short_tmp / "store"
     flags = transit_flags(cli_bao, token_file)
@@ -754,7 +733,6 @@ def test_cli_rewrap_after_rotation(cli_bao: DevServer, token_file: Path, short_t
         client.ping()
 
 
-@needs_cli
 def test_cli_rekey_file_to_transit_and_back(
     cli_bao: DevServer, token_file: Path, short_tmp: Path
 ) -> None:
@@ -782,7 +760,6 @@ def test_cli_rekey_file_to_transit_and_back(
     assert read_metadata(store).kek["kind"] == "file"
 
 
-@needs_cli
 def test_cli_primary_and_standby_copies_serve_identical_deks(
     cli_bao: DevServer, token_file: Path, short_tmp: Path
 ) -> None:
@@ -805,7 +782,6 @@ def test_cli_primary_and_standby_copies_serve_identical_deks(
         assert first.decrypt("pg/tde", second.encrypt("pg/tde", b"wal")) == b"wal"
 
 
-@needs_cli
 def test_cli_config_file(cli_bao: DevServer, token_file: Path, short_tmp: Path) -> None:
     store = short_tmp / "store"
     config = short_tmp / "kmsd.toml"
