@@ -17,8 +17,9 @@ from __future__ import annotations
 import binascii
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, Generic, TypeVar
 
 from kms_client.errors import (
@@ -42,6 +43,7 @@ _KEY_ID_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._
 _VERSION_RE = re.compile(rb"[1-9][0-9]{0,9}")
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _B64_VALUE = {char: value for value, char in enumerate(_B64_ALPHABET)}
+_PAD = ord("=")
 
 R = TypeVar("R")
 
@@ -145,6 +147,16 @@ class LineFramer:
         :meth:`next_line`, which skips through them with memchr.
         """
         first = data.find(b"\n")
+        if (  # one whole line and nothing buffered: a client waiting for each reply
+            0 <= first == len(data) - 1
+            and first <= self._max_line
+            and not self._partial
+            and self._start >= len(self._buffer)
+            and not self.too_long
+            and data[first - 1 : first] != b"\r"
+        ):
+            self.wire_sizes = None
+            return [data[:first]]
         if (
             first < 0
             or first >= _SPLIT_BELOW  # a long first line
@@ -261,14 +273,15 @@ def _encode_stdlib(value: bytes) -> bytes:
 # otherwise dominate an 8 KiB ENC. The daemon depends on it; a client without it
 # falls back to the standard library with the same strict rules (a test checks
 # both agree on valid and invalid input).
+_decode: Callable[[bytes], bytes]
+_encode: Callable[[bytes], bytes]
 try:
     import pybase64
 
-    def _decode(token: bytes) -> bytes:
-        return pybase64.b64decode(token, validate=True)
-
-    def _encode(value: bytes) -> bytes:
-        return pybase64.b64encode(value)
+    # The C functions themselves, not Python wrappers: a call level costs as much as
+    # decoding a 64-byte plaintext.
+    _decode = partial(pybase64.b64decode, validate=True)
+    _encode = pybase64.b64encode
 
 except ImportError:  # pragma: no cover - exercised by the stdlib-only client test
     _decode = _decode_stdlib
@@ -286,11 +299,12 @@ def b64decode_strict(token: bytes) -> bytes:
         value = _decode(token)
     except (binascii.Error, ValueError):
         raise BadRequest("invalid base64") from None
-    if token.endswith(b"=="):
-        if _B64_VALUE[token[-3]] & 0x0F:
+    if token[-1:] == b"=":
+        if token[-2] == _PAD:
+            if _B64_VALUE[token[-3]] & 0x0F:
+                raise BadRequest("invalid base64")
+        elif _B64_VALUE[token[-2]] & 0x03:
             raise BadRequest("invalid base64")
-    elif token.endswith(b"=") and _B64_VALUE[token[-2]] & 0x03:
-        raise BadRequest("invalid base64")
     return value
 
 
@@ -404,9 +418,12 @@ def _single_b64_reply(ok: Ok) -> bytes:
 
 
 # --------------------------------------------------------------------------- requests
+# Requests are plain slotted dataclasses, not frozen ones: a frozen dataclass sets each
+# field through object.__setattr__, so building an ENC request cost 750 ns instead of
+# 170 ns, a twentieth of a pipelined ENC. Nothing changes a request once it is parsed.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request(Generic[R]):
     """Base of every request. ``parse_reply`` turns the server's ``OK`` fields into ``R``."""
 
@@ -424,7 +441,7 @@ class Request(Generic[R]):
         raise NotImplementedError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ping(Request[None]):
     verb: ClassVar[str] = "PING"
 
@@ -433,7 +450,7 @@ class Ping(Request[None]):
             raise ProtocolViolation("unexpected reply to PING")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hello(Request[str]):
     """Returns the server version; the protocol name is checked here."""
 
@@ -446,7 +463,7 @@ class Hello(Request[str]):
         return server_version
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Help(Request[tuple[str, ...]]):
     verb: ClassVar[str] = "HELP"
 
@@ -454,7 +471,7 @@ class Help(Request[tuple[str, ...]]):
         return ok.fields
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Quit(Request[None]):
     verb: ClassVar[str] = "QUIT"
 
@@ -462,7 +479,7 @@ class Quit(Request[None]):
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Create(Request[int]):
     """``rotate_period`` (seconds) asks the daemon to rotate the key when its latest
     version is older; ``None`` means never."""
@@ -485,7 +502,7 @@ class Create(Request[int]):
         return _reply_int(_expect_fields(ok, 1)[0])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rotate(Request[int]):
     verb: ClassVar[str] = "ROTATE"
     repeatable: ClassVar[bool] = False
@@ -498,7 +515,7 @@ class Rotate(Request[int]):
         return _reply_int(_expect_fields(ok, 1)[0])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Info(Request[dict[str, Any]]):
     verb: ClassVar[str] = "INFO"
     key_id: str
@@ -516,7 +533,7 @@ class Info(Request[dict[str, Any]]):
         return info
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Get(Request[KeyMaterial]):
     verb: ClassVar[str] = "GET"
     key_id: str
@@ -533,7 +550,7 @@ class Get(Request[KeyMaterial]):
         return KeyMaterial(_reply_int(version), _reply_b64(key))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Encrypt(Request[bytes]):
     verb: ClassVar[str] = "ENC"
     key_id: str
@@ -547,7 +564,7 @@ class Encrypt(Request[bytes]):
         return _single_b64_reply(ok)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decrypt(Request[bytes]):
     verb: ClassVar[str] = "DEC"
     key_id: str
@@ -561,7 +578,7 @@ class Decrypt(Request[bytes]):
         return _single_b64_reply(ok)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GenerateDataKey(Request[DataKey]):
     verb: ClassVar[str] = "DATAKEY"
     key_id: str
@@ -578,7 +595,7 @@ class GenerateDataKey(Request[DataKey]):
         return DataKey(_reply_b64(key), _reply_b64(wrapped))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rewrap(Request[bytes]):
     """Re-encrypt a ciphertext under the key's latest version, inside the daemon."""
 
@@ -594,7 +611,7 @@ class Rewrap(Request[bytes]):
         return _single_b64_reply(ok)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _VersionCommand(Request[None]):
     key_id: str
     version: int
@@ -606,28 +623,28 @@ class _VersionCommand(Request[None]):
         _expect_fields(ok, 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Retire(_VersionCommand):
     """The version can no longer encrypt, decrypt or be fetched; its file is kept."""
 
     verb: ClassVar[str] = "RETIRE"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Restore(_VersionCommand):
     """Undo ``RETIRE``."""
 
     verb: ClassVar[str] = "RESTORE"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Destroy(_VersionCommand):
     """Erase the version's material for good (crypto-shredding); not the latest."""
 
     verb: ClassVar[str] = "DESTROY"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Configure(Request[None]):
     """Set or clear (``None``) a key's automatic rotation period, in seconds."""
 
@@ -643,7 +660,7 @@ class Configure(Request[None]):
         _expect_fields(ok, 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rekey(Request[int]):
     """Re-seal the whole store under a new KEK that the daemon obtains itself.
 
@@ -720,12 +737,15 @@ def _parse_create(args: list[bytes]) -> Create:
 def _data_command(cls: type[Encrypt | Decrypt | Rewrap], what: str) -> Any:
     """The parser of ``<VERB> <key-id> <base64 data> [<base64 aad>]`` (ENC, DEC, REWRAP)."""
     usage = f"usage: {cls.verb} <key-id> <base64 {what}> [<base64 aad>]"
+    empty = f"{what} must be at least 1 byte"
 
     def parse(args: list[bytes]) -> Encrypt | Decrypt | Rewrap:
         if not 2 <= len(args) <= 3:
             raise BadRequest(usage)
         key_id = validate_key_id(args[0])
-        data = _nonempty_b64(args[1], what)
+        data = b64decode_strict(args[1])
+        if not data:
+            raise BadRequest(empty)
         aad = _nonempty_b64(args[2], "aad") if len(args) == 3 else b""
         return cls(key_id, data, aad)
 
