@@ -118,8 +118,11 @@ class Dispatcher:
             key = store.usable(request.key_id, request.version)
             if not key.exportable:
                 raise NotExportable()
-            exported = format_ok(str(key.version).encode(), b64encode(bytes(key.material)))
-            return exported, key.version
+            exported = key.export_reply
+            if not exported:
+                material = bytes(key.live_material())
+                exported += format_ok(str(key.version).encode(), b64encode(material))
+            return bytes(exported), key.version
         if type(request) is GenerateDataKey:
             key = store.usable(request.key_id)
             data_key = random_bytes(request.nbytes)

@@ -73,6 +73,10 @@ class KeyVersion:
     exportable: bool
     material: bytearray = field(repr=False)
     usage: VersionUsage = field(default_factory=VersionUsage)
+    #: The ``GET`` reply for this version, built by the dispatcher on the first ``GET``
+    #: so a repeated one is a copy: it holds the material, so it is a mutable buffer,
+    #: wiped with it.
+    export_reply: bytearray = field(init=False, repr=False, default_factory=bytearray)
     _cipher: XAES256GCM | None = field(init=False, repr=False)
     _aad_head: bytes = field(init=False, repr=False)
 
@@ -93,6 +97,11 @@ class KeyVersion:
             raise InternalError("key version was wiped")
         return self._cipher
 
+    def live_material(self) -> bytearray:
+        """The material, or ``INTERNAL`` once wiped (never export the zeros)."""
+        self._live_cipher()
+        return self.material
+
     def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:
         header = self._aad_head[-_HEADER_SIZE:]
         return header + self._live_cipher().seal(plaintext, self._aad_head + aad)
@@ -109,4 +118,6 @@ class KeyVersion:
     def wipe(self) -> None:
         """Overwrite the material and drop the derived cipher: a wiped version is unusable."""
         wipe(self.material)
+        wipe(self.export_reply)
+        self.export_reply.clear()
         self._cipher = None

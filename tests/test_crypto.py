@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.kdf.kbkdf import KBKDFCMAC, CounterLocation,
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kms_client.errors import BadCiphertext
+from kms_client.errors import BadCiphertext, InternalError
 from kms_server.crypto import (
     KEY_SIZE,
     NONCE_SIZE,
@@ -380,8 +380,13 @@ def test_data_key_is_not_the_exported_material() -> None:
 
 def test_key_version_wipe_and_size_check() -> None:
     key = key_version()
+    export_reply = key.export_reply
+    export_reply += b"OK 1 " + bytes(key.live_material()) + b"\n"  # as the dispatcher builds it
     key.wipe()
     assert key.material == bytearray(KEY_SIZE)
+    assert export_reply == key.export_reply == bytearray()  # overwritten, then emptied
+    with pytest.raises(InternalError):
+        key.live_material()  # a GET of a wiped version exports no zeros
     for size in (0, 16, 31, 33):
         with pytest.raises(ValueError):
             KeyVersion("k", 1, "2026-01-01T00:00:00Z", False, bytearray(size))
