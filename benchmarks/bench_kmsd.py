@@ -148,13 +148,18 @@ def serve_kmsd_null_audit(argv: list[str]) -> int:
     from kms_server.audit import AuditLog  # noqa: PLC0415
 
     class NullAuditLog(AuditLog):
-        def timestamp(self) -> str:
+        def head(self, prefix: str) -> str:
             return ""
 
-        def line(self, *args: object, **kwargs: object) -> str:
+        @staticmethod
+        def subject(*args: object) -> str:
             return ""
 
-        def write(self, lines: list[str]) -> None:
+        @staticmethod
+        def tail(micros: int) -> str:
+            return ""
+
+        def write(self, parts: list[str]) -> None:
             pass
 
     cli.AuditLog = NullAuditLog  # type: ignore[attr-defined]
@@ -673,6 +678,7 @@ def report(subjects: list[Subject], args: argparse.Namespace, load: tuple[float,
 
     by_name = {subject.name: subject for subject in subjects}
     backend = getattr(protocol, "_decode", None)
+    backend = getattr(backend, "func", backend)  # a functools.partial: name the function
     base64_impl = getattr(backend, "__module__", "") + "." + getattr(backend, "__qualname__", "?")
     rounds = len(subjects[0].samples)
     print()

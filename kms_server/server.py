@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from time import perf_counter_ns
+from typing import Any
 
 import trio
 
@@ -37,8 +38,15 @@ from kms_client.errors import Denied, KmsError, TooLong, Unavailable
 from kms_client.protocol import (
     DEFAULT_MAX_LINE,
     VERBS,
+    GenerateDataKey,
+    Get,
+    Hello,
+    Help,
+    Info,
     LineFramer,
+    Ping,
     Quit,
+    Request,
     format_error,
     parse_request,
 )
@@ -66,6 +74,50 @@ _TOO_MANY = format_error(Unavailable("too many connections"))
 _DENIED = format_error(Denied())
 _TOO_LONG = format_error(TooLong())
 _WRITE_TYPES = frozenset(WRITE_REQUESTS)
+#: Requests without a payload that a client repeats line for line (a database asking
+#: for the same key): each connection keeps the parsed request and its ACL decision
+#: by the line's bytes, so a repeated GET is a dict hit instead of a parse.
+_KNOWN_TYPES = frozenset({Get, GenerateDataKey, Info, Ping, Hello, Help})
+#: Longest line kept in that cache (a GET of a 255-character key id and its version).
+MAX_KNOWN_LINE = 280
+
+
+class KnownLine:
+    """A request line a connection sent before: its parse, its ACL decision, its audit subject.
+
+    Only requests without a payload are kept (a database asking for the same key
+    again and again); the subject is reused while the request keeps the same
+    outcome (version, result and sizes), which is every time for a repeated ``GET``.
+    """
+
+    __slots__ = (
+        "key_id",
+        "permitted",
+        "request",
+        "result",
+        "size_in",
+        "size_out",
+        "subject",
+        "version",
+    )
+
+    def __init__(self, request: Request[Any], key_id: str | None, permitted: bool) -> None:
+        self.request = request
+        self.key_id = key_id
+        self.permitted = permitted
+        self.version: int | None = None
+        self.result = ""
+        self.size_in = self.size_out = -1
+        self.subject = ""
+
+    def remember(
+        self, version: int | None, result: str, size_in: int, size_out: int, subject: str
+    ) -> None:
+        self.version = version
+        self.result = result
+        self.size_in = size_in
+        self.size_out = size_out
+        self.subject = subject
 
 
 class ServerError(Exception):
@@ -274,11 +326,14 @@ class Server:
         respond = dispatcher.respond
         access = self._access
         audit = self._audit
-        audit_line = audit.line
+        audit_head = audit.head
+        audit_subject = audit.subject
+        audit_tail = audit.tail
         audit_prefix = audit.connection_prefix(connection_id, peer)
         grants = access.grants_for(peer)
         acl_generation = access.generation
         decisions: dict[tuple[str, str | None], bool] = {}
+        known_lines: dict[bytes, KnownLine] = {}
         framer = LineFramer(self._limits.max_line)
         feed_lines = framer.feed_lines
         timeout = self._limits.idle_timeout
@@ -320,8 +375,9 @@ class Server:
                     grants = access.grants_for(peer)
                     acl_generation = access.generation
                     decisions.clear()
+                    known_lines.clear()
                 sizes = framer.wire_sizes
-                stamp = audit.timestamp()
+                head = audit_head(audit_prefix)
                 replies: list[bytes] = []
                 trail: list[str] = []
                 closing = False
@@ -334,23 +390,37 @@ class Server:
                         deadline = idle.deadline = math.inf  # no cut while requests are served
                         await trio.lowlevel.cancel_shielded_checkpoint()
                         slice_began = began = perf_counter_ns()
-                        stamp = audit.timestamp()
+                        head = audit_head(audit_prefix)
                     version: int | None = None
-                    key_id: str | None = None
-                    try:
-                        request = parse_request(line)
-                    except KmsError as error:
-                        reply = format_error(error)
-                        verb = verb_of(line)
-                    else:
+                    known = known_lines.get(line) if len(line) <= MAX_KNOWN_LINE else None
+                    if known is not None:
+                        request = known.request
+                        key_id = known.key_id
+                        permitted = known.permitted
                         verb = request.verb
-                        key_id = getattr(request, "key_id", None)
-                        decision = (verb, key_id)
-                        permitted = decisions.get(decision)
-                        if permitted is None:
-                            if len(decisions) >= MAX_CACHED_DECISIONS:
-                                decisions.clear()
-                            permitted = decisions[decision] = grants.permits(request)
+                    else:
+                        try:
+                            request = parse_request(line)
+                        except KmsError as error:
+                            request = None
+                            reply = format_error(error)
+                            verb = verb_of(line)
+                            key_id = None
+                        else:
+                            verb = request.verb
+                            key_id = getattr(request, "key_id", None)
+                            decision = (verb, key_id)
+                            decided = decisions.get(decision)
+                            if decided is None:
+                                if len(decisions) >= MAX_CACHED_DECISIONS:
+                                    decisions.clear()
+                                decided = decisions[decision] = grants.permits(request)
+                            permitted = decided
+                            if type(request) in _KNOWN_TYPES and len(line) <= MAX_KNOWN_LINE:
+                                if len(known_lines) >= MAX_CACHED_DECISIONS:
+                                    known_lines.clear()
+                                known = known_lines[line] = KnownLine(request, key_id, permitted)
+                    if request is not None:
                         if not permitted:
                             reply = _DENIED
                         elif type(request) in _WRITE_TYPES:
@@ -359,33 +429,32 @@ class Server:
                                 reply, version = await dispatcher.respond_write(
                                     request, trio.to_thread.run_sync
                                 )
-                            stamp = audit.timestamp()
+                            head = audit_head(audit_prefix)
                         else:
                             reply, version = respond(request)
                             closing = type(request) is Quit
                     replies.append(reply)
-                    trail.append(
-                        audit_line(
-                            audit_prefix,
-                            verb,
-                            key_id,
-                            version,
-                            "OK" if reply.startswith(b"OK") else result_of(reply),
-                            len(line) + 1 if sizes is None else sizes[number],
-                            len(reply),
-                            (perf_counter_ns() - began) // 1000,
-                            stamp,
-                        )
-                    )
+                    result = "OK" if reply.startswith(b"OK") else result_of(reply)
+                    size_in = len(line) + 1 if sizes is None else sizes[number]
+                    if (
+                        known is not None
+                        and known.version == version
+                        and known.result == result
+                        and known.size_in == size_in
+                        and known.size_out == len(reply)
+                    ):
+                        subject = known.subject
+                    else:
+                        subject = audit_subject(verb, key_id, version, result, size_in, len(reply))
+                        if known is not None:
+                            known.remember(version, result, size_in, len(reply), subject)
+                    trail += (head, subject, audit_tail((perf_counter_ns() - began) // 1000))
                     if closing:
                         break
                 if framer.too_long and not closing:
                     replies.append(_TOO_LONG)
-                    trail.append(
-                        audit_line(
-                            audit_prefix, "-", None, None, "TOO_LONG", 0, len(_TOO_LONG), 0, stamp
-                        )
-                    )
+                    subject = audit_subject("-", None, None, "TOO_LONG", 0, len(_TOO_LONG))
+                    trail += (head, subject, audit_tail(0))
                     closing = True
                 answered = bool(replies)
                 if answered:

@@ -148,6 +148,38 @@ def test_one_json_object_per_request_with_the_right_values(audited: Daemon) -> N
     assert abs((first - started).total_seconds()) < 30
 
 
+def test_a_repeated_request_line_is_audited_with_its_own_outcome_each_time(
+    audited: Daemon,
+) -> None:
+    """The server keeps a repeated line's parse and audit subject: a new outcome shows anyway."""
+    audit = audit_since_now(audited)
+    with Conn(audited.socket_path) as conn:
+        assert conn.ask(b"GET s/r").startswith(b"ERR NOT_FOUND")
+        assert conn.ask(b"CREATE s/r exportable") == b"OK 1"
+        first = conn.ask(b"GET s/r")
+        assert conn.ask(b"GET s/r") == first
+        assert conn.ask(b"ROTATE s/r") == b"OK 2"
+        second = conn.ask(b"GET s/r")
+        assert second.startswith(b"OK 2 ")
+        assert second != first
+        assert conn.ask(b"GET s/r\r") == second  # the same line, one byte more on the wire
+        conn.sock.sendall(b"GET s/r\nGET s/r\n")  # pipelined: one batch
+        assert [conn.reply(), conn.reply()] == [second, second]
+    records = [(r["verb"], r["version"], r["result"], r["bytes_in"]) for r in audit()]
+    assert records == [
+        ("GET", None, "NOT_FOUND", 8),
+        ("CREATE", 1, "OK", 22),
+        ("GET", 1, "OK", 8),
+        ("GET", 1, "OK", 8),
+        ("ROTATE", 2, "OK", 11),
+        ("GET", 2, "OK", 8),
+        ("GET", 2, "OK", 9),
+        ("GET", 2, "OK", 8),
+        ("GET", 2, "OK", 8),
+    ]
+    assert len({r["time"] for r in audit()[-2:]}) == 1  # one batch, one clock reading
+
+
 def test_each_connection_has_its_own_id_and_the_client_pid(audited: Daemon) -> None:
     audit = audit_since_now(audited)
     ask(audited.socket_path, b"PING")
