@@ -88,66 +88,69 @@ class Dispatcher:
 
     # ----------------------------------------------------------------- fast path (event loop)
 
-    def respond(self, request: Request[Any]) -> Reply:
+    def respond(  # noqa: PLR0912 - one flat dispatch: a call level costs ~0.3 us here
+        self, request: Request[Any]
+    ) -> Reply:
         """The response line to a fast request and the key version it used (for the audit).
 
         Every failure becomes an ``ERR`` line.
         """
-        try:
-            return self._execute(request)
+        try:  # one call level, not two: this runs for every request on the event loop
+            store = self._store
+            # Ordered by how often a database asks.
+            if type(request) is Encrypt:
+                key = store.usable(request.key_id)
+                plaintext = request.plaintext
+                ciphertext = key.encrypt(plaintext, request.aad)
+                usage = key.usage  # _count, inlined on the hottest path
+                usage.encryptions += 1
+                usage.bytes += len(plaintext)
+                store.dirty.add(key.key_id)
+                return b"OK " + b64encode(ciphertext) + b"\n", key.version
+            if type(request) is Decrypt:
+                key = self._key_for(request.key_id, request.ciphertext)
+                plaintext = key.decrypt(request.ciphertext, request.aad)
+                self._count(key, decryptions=1, size=len(plaintext))
+                return b"OK " + b64encode(plaintext) + b"\n", key.version
+            if type(request) is Get:
+                key = store.usable(request.key_id, request.version)
+                if not key.exportable:
+                    raise NotExportable()
+                exported = key.export_reply
+                if not exported:
+                    material = bytes(key.live_material())
+                    exported += format_ok(str(key.version).encode(), b64encode(material))
+                return bytes(exported), key.version
+            if type(request) is GenerateDataKey:
+                key = store.usable(request.key_id)
+                data_key = random_bytes(request.nbytes)
+                wrapped = key.encrypt(data_key, b"")
+                self._count(key, encryptions=1, size=request.nbytes)
+                return format_ok(b64encode(data_key), b64encode(wrapped)), key.version
+            if type(request) is Rewrap:
+                old = self._key_for(request.key_id, request.ciphertext)
+                plaintext = old.decrypt(request.ciphertext, request.aad)
+                new = store.usable(request.key_id)
+                ciphertext = new.encrypt(plaintext, request.aad)
+                self._count(old, decryptions=1, size=len(plaintext))
+                self._count(new, encryptions=1, size=len(plaintext))
+                return b"OK " + b64encode(ciphertext) + b"\n", new.version
+            if type(request) is Ping:
+                return b"OK PONG\n", None
+            if type(request) is Info:
+                return format_ok(self._info(request.key_id).encode()), None
+            if type(request) is Hello:
+                return self._hello, None
+            if type(request) is Help:
+                return self._help, None
+            if type(request) is Quit:
+                return b"OK BYE\n", None
+            raise InternalError("request needs the write path")
         except KmsError as error:
             return format_error(error), None
         except Exception:
             log.exception("internal error while serving %s", request.verb)
             return format_error(InternalError()), None
-
-    def _execute(self, request: Request[Any]) -> Reply:
-        store = self._store
-        # Ordered by how often a database asks.
-        if type(request) is Encrypt:
-            key = store.usable(request.key_id)
-            ciphertext = key.encrypt(request.plaintext, request.aad)
-            self._count(key, encryptions=1, size=len(request.plaintext))
-            return b"OK " + b64encode(ciphertext) + b"\n", key.version
-        if type(request) is Decrypt:
-            key = self._key_for(request.key_id, request.ciphertext)
-            plaintext = key.decrypt(request.ciphertext, request.aad)
-            self._count(key, decryptions=1, size=len(plaintext))
-            return b"OK " + b64encode(plaintext) + b"\n", key.version
-        if type(request) is Get:
-            key = store.usable(request.key_id, request.version)
-            if not key.exportable:
-                raise NotExportable()
-            exported = key.export_reply
-            if not exported:
-                material = bytes(key.live_material())
-                exported += format_ok(str(key.version).encode(), b64encode(material))
-            return bytes(exported), key.version
-        if type(request) is GenerateDataKey:
-            key = store.usable(request.key_id)
-            data_key = random_bytes(request.nbytes)
-            wrapped = key.encrypt(data_key, b"")
-            self._count(key, encryptions=1, size=request.nbytes)
-            return format_ok(b64encode(data_key), b64encode(wrapped)), key.version
-        if type(request) is Rewrap:
-            old = self._key_for(request.key_id, request.ciphertext)
-            plaintext = old.decrypt(request.ciphertext, request.aad)
-            new = store.usable(request.key_id)
-            ciphertext = new.encrypt(plaintext, request.aad)
-            self._count(old, decryptions=1, size=len(plaintext))
-            self._count(new, encryptions=1, size=len(plaintext))
-            return b"OK " + b64encode(ciphertext) + b"\n", new.version
-        if type(request) is Ping:
-            return b"OK PONG\n", None
-        if type(request) is Info:
-            return format_ok(self._info(request.key_id).encode()), None
-        if type(request) is Hello:
-            return self._hello, None
-        if type(request) is Help:
-            return self._help, None
-        if type(request) is Quit:
-            return b"OK BYE\n", None
-        raise InternalError("request needs the write path")
 
     def _key_for(self, key_id: str, ciphertext: bytes) -> KeyVersion:
         """The usable version a ciphertext names; a version the key lacks is BAD_CIPHERTEXT."""

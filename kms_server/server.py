@@ -52,7 +52,7 @@ from kms_client.protocol import (
 )
 from kms_server import systemd
 from kms_server.acl import Acl, AclError, Grants, Peer
-from kms_server.audit import AuditError, AuditLog
+from kms_server.audit import AUDIT_TAILS, AuditError, AuditLog
 from kms_server.dispatch import WRITE_REQUESTS, Dispatcher
 
 log = logging.getLogger("kmsd.server")
@@ -80,6 +80,7 @@ _WRITE_TYPES = frozenset(WRITE_REQUESTS)
 _KNOWN_TYPES = frozenset({Get, GenerateDataKey, Info, Ping, Hello, Help})
 #: Longest line kept in that cache (a GET of a 255-character key id and its version).
 MAX_KNOWN_LINE = 280
+MAX_TAIL = len(AUDIT_TAILS)
 
 
 class KnownLine:
@@ -329,6 +330,7 @@ class Server:
         audit_head = audit.head
         audit_subject = audit.subject
         audit_tail = audit.tail
+        tails = AUDIT_TAILS  # audit.tail, inlined for the common durations
         audit_prefix = audit.connection_prefix(connection_id, peer)
         grants = access.grants_for(peer)
         acl_generation = access.generation
@@ -448,7 +450,12 @@ class Server:
                         subject = audit_subject(verb, key_id, version, result, size_in, len(reply))
                         if known is not None:
                             known.remember(version, result, size_in, len(reply), subject)
-                    trail += (head, subject, audit_tail((perf_counter_ns() - began) // 1000))
+                    micros = (perf_counter_ns() - began) // 1000
+                    trail += (
+                        head,
+                        subject,
+                        tails[micros] if micros < MAX_TAIL else audit_tail(micros),
+                    )
                     if closing:
                         break
                 if framer.too_long and not closing:
