@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -64,7 +65,9 @@ class AuditLog:
             return STDERR_FD
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            os.fchmod(fd, 0o600)  # an existing file may have been created looser
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.fchmod(fd, 0o600)  # an existing file may have been created looser
+            # A FIFO or a device (a log collector, /dev/null) is not ours to chmod.
         except OSError as exc:
             raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from None
         return fd

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from kms_server.audit import AuditLog
 from kms_server.kek import PassphraseCommand
 from kms_server.store import read_metadata
 from tests.conftest import KMS, KMSD, Daemon, make_store
@@ -271,6 +272,28 @@ def test_an_audit_log_that_cannot_be_opened_stops_start_up(short_tmp: Path) -> N
 def test_the_audit_file_is_0600(audited: Daemon) -> None:
     ask(audited.socket_path, b"PING")
     assert stat.S_IMODE(audit_file(audited).stat().st_mode) == 0o600
+
+
+def test_an_existing_looser_file_is_made_0600_but_a_fifo_is_left_alone(tmp_path: Path) -> None:
+    loose = tmp_path / "audit.log"
+    loose.touch(mode=0o644)
+    loose.chmod(0o644)
+    AuditLog(loose).close()
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o600
+
+    # A log collector's FIFO (or a device such as /dev/null) is not the daemon's to chmod.
+    fifo = tmp_path / "collector"
+    os.mkfifo(fifo, 0o644)
+    fifo.chmod(0o644)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        audit = AuditLog(fifo)
+        audit.write(['{"verb":"PING"}\n'])
+        audit.close()
+        assert os.read(reader, 100) == b'{"verb":"PING"}\n'
+    finally:
+        os.close(reader)
+    assert stat.S_IMODE(fifo.stat().st_mode) == 0o644
 
 
 def test_the_audit_file_is_appended_across_a_restart(short_tmp: Path) -> None:
