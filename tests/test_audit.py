@@ -181,6 +181,25 @@ def test_a_repeated_request_line_is_audited_with_its_own_outcome_each_time(
     assert len({r["time"] for r in audit()[-2:]}) == 1  # one batch, one clock reading
 
 
+def test_a_client_cycling_through_many_request_lines_is_answered_and_audited_right(
+    audited: Daemon,
+) -> None:
+    """More distinct lines than a connection keeps: the cache empties and starts again."""
+    audit = audit_since_now(audited)
+    names = [f"s/many{number}" for number in range(300)]
+    with Conn(audited.socket_path) as conn:
+        assert conn.ask(b"CREATE s/many7 exportable") == b"OK 1"
+        for _ in range(2):
+            conn.sock.sendall(b"".join(f"GET {name}\n".encode() for name in names))
+            replies = [conn.reply() for _ in names]
+            assert [code_of(reply) for reply in replies] == [
+                "OK" if name == "s/many7" else "NOT_FOUND" for name in names
+            ]
+    records = audit()[1:]
+    assert [r["key_id"] for r in records] == names * 2
+    assert [r["result"] for r in records] == [code_of(reply) for reply in replies] * 2
+
+
 def test_each_connection_has_its_own_id_and_the_client_pid(audited: Daemon) -> None:
     audit = audit_since_now(audited)
     ask(audited.socket_path, b"PING")
