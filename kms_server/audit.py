@@ -43,7 +43,7 @@ log = logging.getLogger("kmsd.audit")
 
 STDERR_FD = 2
 #: Line ends for the durations most requests take: a tuple index instead of formatting.
-AUDIT_TAILS = tuple(f'"us":{micros}}}\n' for micros in range(1000))
+_TAILS = tuple(f'"us":{micros}}}\n' for micros in range(1000))
 
 
 class AuditError(Exception):
@@ -129,7 +129,7 @@ class AuditLog:
     @staticmethod
     def tail(micros: int) -> str:
         """The end of a line: the request's duration."""
-        return AUDIT_TAILS[micros] if micros < len(AUDIT_TAILS) else f'"us":{micros}}}\n'
+        return _TAILS[micros] if micros < len(_TAILS) else f'"us":{micros}}}\n'
 
     def write(self, parts: list[str]) -> None:
         """Write a batch of lines, given as their parts, with one system call.

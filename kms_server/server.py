@@ -52,7 +52,7 @@ from kms_client.protocol import (
 )
 from kms_server import systemd
 from kms_server.acl import Acl, AclError, Grants, Peer
-from kms_server.audit import AUDIT_TAILS, AuditError, AuditLog
+from kms_server.audit import AuditError, AuditLog
 from kms_server.dispatch import WRITE_REQUESTS, Dispatcher
 
 log = logging.getLogger("kmsd.server")
@@ -85,45 +85,24 @@ MAX_KNOWN_LINE = 280
 #: key id), so 64 of them, with the ACL decisions, bound a connection's caches at
 #: ~0.2 MB in the worst case and a daemon at its default 1024 connections at ~0.2 GB.
 MAX_KNOWN_LINES = 64
-MAX_TAIL = len(AUDIT_TAILS)
 
 
 class KnownLine:
     """A request line a connection sent before: its parse, its ACL decision, its audit subject.
 
     Only requests without a payload are kept (a database asking for the same key
-    again and again); the subject is reused while the request keeps the same
+    again and again); the audit subject is reused while the request has the same
     outcome (version, result and sizes), which is every time for a repeated ``GET``.
     """
 
-    __slots__ = (
-        "key_id",
-        "permitted",
-        "request",
-        "result",
-        "size_in",
-        "size_out",
-        "subject",
-        "version",
-    )
+    __slots__ = ("key_id", "outcome", "permitted", "request", "subject")
 
     def __init__(self, request: Request[Any], key_id: str | None, permitted: bool) -> None:
         self.request = request
         self.key_id = key_id
         self.permitted = permitted
-        self.version: int | None = None
-        self.result = ""
-        self.size_in = self.size_out = -1
+        self.outcome: tuple[int | None, str, int, int] | None = None
         self.subject = ""
-
-    def remember(
-        self, version: int | None, result: str, size_in: int, size_out: int, subject: str
-    ) -> None:
-        self.version = version
-        self.result = result
-        self.size_in = size_in
-        self.size_out = size_out
-        self.subject = subject
 
 
 class ServerError(Exception):
@@ -335,7 +314,6 @@ class Server:
         audit_head = audit.head
         audit_subject = audit.subject
         audit_tail = audit.tail
-        tails = AUDIT_TAILS  # audit.tail, inlined for the common durations
         audit_prefix = audit.connection_prefix(connection_id, peer)
         grants = access.grants_for(peer)
         acl_generation = access.generation
@@ -399,7 +377,8 @@ class Server:
                         slice_began = began = perf_counter_ns()
                         head = audit_head(audit_prefix)
                     version: int | None = None
-                    known = known_lines.get(line) if len(line) <= MAX_KNOWN_LINE else None
+                    short = len(line) <= MAX_KNOWN_LINE
+                    known = known_lines.get(line) if short else None
                     if known is not None:
                         request = known.request
                         key_id = known.key_id
@@ -423,7 +402,7 @@ class Server:
                                     decisions.clear()
                                 decided = decisions[decision] = grants.permits(request)
                             permitted = decided
-                            if type(request) in _KNOWN_TYPES and len(line) <= MAX_KNOWN_LINE:
+                            if short and type(request) in _KNOWN_TYPES:
                                 if len(known_lines) >= MAX_KNOWN_LINES:
                                     known_lines.clear()
                                 known = known_lines[line] = KnownLine(request, key_id, permitted)
@@ -443,24 +422,15 @@ class Server:
                     replies.append(reply)
                     result = "OK" if reply.startswith(b"OK") else result_of(reply)
                     size_in = len(line) + 1 if sizes is None else sizes[number]
-                    if (
-                        known is not None
-                        and known.version == version
-                        and known.result == result
-                        and known.size_in == size_in
-                        and known.size_out == len(reply)
-                    ):
+                    outcome = (version, result, size_in, len(reply))
+                    if known is not None and known.outcome == outcome:
                         subject = known.subject
                     else:
-                        subject = audit_subject(verb, key_id, version, result, size_in, len(reply))
+                        subject = audit_subject(verb, key_id, *outcome)
                         if known is not None:
-                            known.remember(version, result, size_in, len(reply), subject)
+                            known.outcome, known.subject = outcome, subject
                     micros = (perf_counter_ns() - began) // 1000
-                    trail += (
-                        head,
-                        subject,
-                        tails[micros] if micros < MAX_TAIL else audit_tail(micros),
-                    )
+                    trail += (head, subject, audit_tail(micros))
                     if closing:
                         break
                 if framer.too_long and not closing:
