@@ -100,12 +100,8 @@ class Dispatcher:
             # Ordered by how often a database asks.
             if type(request) is Encrypt:
                 key = store.usable(request.key_id)
-                plaintext = request.plaintext
-                ciphertext = key.encrypt(plaintext, request.aad)
-                usage = key.usage  # _count, inlined on the hottest path
-                usage.encryptions += 1
-                usage.bytes += len(plaintext)
-                store.dirty.add(key.key_id)
+                ciphertext = key.encrypt(request.plaintext, request.aad)
+                self._count(key, encryptions=1, size=len(request.plaintext))
                 return b"OK " + b64encode(ciphertext) + b"\n", key.version
             if type(request) is Decrypt:
                 key = self._key_for(request.key_id, request.ciphertext)
@@ -327,6 +323,7 @@ class Dispatcher:
                         store.remove_version_file(key_id, number)
 
                 await run_blocking(finish)
+                record = store.record(key_id)  # the cached one now (see below)
                 record.files = [v for v in record.files if v != number]
             return format_ok(), number
         if isinstance(request, Destroy) and number == record.latest:
@@ -342,6 +339,9 @@ class Dispatcher:
                     store.remove_version_file(key_id, number)
 
         await run_blocking(write)
+        # Meanwhile other connections may have evicted the key and read it back: change
+        # the record the cache holds now, not the one we started from.
+        record = store.record(key_id)
         record.usage(number).state = target
         if target == DESTROYED:
             record.files = [v for v in record.files if v != number]
@@ -355,8 +355,7 @@ class Dispatcher:
         self, key_id: str, period: int | None, run_blocking: ThreadRunner[Any]
     ) -> Reply:
         store = self._store
-        record = store.record(key_id)
-        state = KeyState(period, dict(record.state.usage))
+        state = KeyState(period, dict(store.record(key_id).state.usage))
         rotation = dict(store.rotation)
         if period is None:
             rotation.pop(key_id, None)
@@ -369,7 +368,7 @@ class Dispatcher:
                 store.write_rotation(rotation)
 
         await run_blocking(write)
-        record.state.rotate_period = period
+        store.record(key_id).state.rotate_period = period  # the cached record now
         store.rotation = rotation
         log.info("CONFIG %s: rotation period %s", key_id, period)
         return format_ok(), None

@@ -12,13 +12,16 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from kms_client.errors import KeyExists, KeyNotFound
+from kms_client.protocol import parse_request
 from kms_server.crypto import KEY_SIZE, random_bytes
+from kms_server.dispatch import Dispatcher
 from kms_server.kek import (
     ARGON2_MEMORY_KIB,
     KekError,
@@ -34,6 +37,7 @@ from kms_server.store import (
     STATE_NAME,
     STORE_FORMAT,
     KeyFileDamaged,
+    KeyRecord,
     KeyState,
     KeyStore,
     StoreError,
@@ -712,3 +716,40 @@ def test_obtain_for_store_refuses_another_source_kind(tmp_path: Path) -> None:
     with pytest.raises(KekError):
         obtain_for_store(KekFile(path), {})
     assert bytes(obtain_for_store(KekFile(path), {"kind": "file"})) == path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("request_line", "check"),
+    [
+        (b"RETIRE a 1", lambda record: record.usage(1).state == "retired"),
+        (
+            b"DESTROY a 1",
+            lambda record: record.usage(1).state == "destroyed" and 1 not in record.opened,
+        ),
+        (b"CONFIG a rotate=30d", lambda record: record.state.rotate_period == 30 * 86400),
+    ],
+)
+def test_a_state_change_lands_on_the_record_cached_after_its_write(
+    store_dir: Path, kek: bytes, request_line: bytes, check: Callable[[KeyRecord], bool]
+) -> None:
+    """Other connections may evict the key and read it back while the write runs."""
+    store = KeyStore(store_dir, kek, clock=clock, cache_keys=1)
+    try:
+        write_key(store, "a")
+        write_key(store, "a", 2)
+        write_key(store, "b")
+        store.record("a")
+        store.version("a", 1)
+
+        async def evicted_and_read_back_meanwhile(work: Callable[[], object]) -> object:
+            store.record("b")  # another connection's request evicts "a"...
+            store.version("a", 1)  # ...and one reads it back from the state on disk
+            return work()  # before this write lands
+
+        request = parse_request(request_line)
+        dispatcher = Dispatcher(store, "test")
+        reply, _ = trio.run(dispatcher.respond_write, request, evicted_and_read_back_meanwhile)
+        assert reply == b"OK\n"
+        assert check(store.record("a"))
+    finally:
+        store.close()
