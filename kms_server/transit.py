@@ -59,7 +59,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import hvac
 import hvac.exceptions
@@ -85,6 +85,12 @@ BINDING = "context:store-id"
 _PROBE_SUFFIX = b"\x00binding-probe"
 _CIPHERTEXT = re.compile(r"vault:v([1-9][0-9]{0,9}):[A-Za-z0-9+/=]+")
 _NAME = re.compile(r"[A-Za-z0-9_.@-][A-Za-z0-9_.@/-]{0,127}")
+
+
+def _is_name(value: str) -> bool:
+    """A mount, key or namespace path: no ``.`` or ``..`` segment (it goes into a URL path)."""
+    return _NAME.fullmatch(value) is not None and not {"", ".", ".."} & set(value.split("/"))
+
 
 T = TypeVar("T")
 
@@ -120,9 +126,9 @@ class _Wrapped:
             description.get("kind") != TRANSIT_KIND
             or description.get("binding") != BINDING
             or not isinstance(mount, str)
-            or not _NAME.fullmatch(mount)
+            or not _is_name(mount)
             or not isinstance(key, str)
-            or not _NAME.fullmatch(key)
+            or not _is_name(key)
             or match is None
             or not (namespace is None or (isinstance(namespace, str) and namespace))
         ):
@@ -152,18 +158,20 @@ class _Retry(Exception):
 
 
 def _check_url(url: str) -> str:
+    """The URL without a trailing slash; errors never echo credentials or a query."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"Transit URL {url!r} must look like https://host:8200")
     if parts.username is not None or parts.password is not None:
         raise ValueError("Transit URLs must not hold credentials; use a token file or AppRole")
+    shown = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))  # a query may hold one
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"Transit URL {shown!r} must look like https://host:8200")
     if parts.query or parts.fragment or parts.path not in ("", "/"):
-        raise ValueError(f"Transit URL {url!r} must be scheme://host:port only")
+        raise ValueError(f"Transit URL {shown!r} must be scheme://host:port only")
     return url.rstrip("/")
 
 
 def _check_name(what: str, value: str | None) -> str | None:
-    if value is not None and not _NAME.fullmatch(value.strip("/")):
+    if value is not None and not _is_name(value.strip("/")):
         raise ValueError(f"{what} {value!r} is not a valid OpenBao path segment")
     return None if value is None else value.strip("/")
 

