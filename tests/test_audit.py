@@ -164,7 +164,7 @@ def test_a_repeated_request_line_is_audited_with_its_own_outcome_each_time(
         assert second.startswith(b"OK 2 ")
         assert second != first
         assert conn.ask(b"GET s/r\r") == second  # the same line, one byte more on the wire
-        conn.sock.sendall(b"GET s/r\nGET s/r\n")  # pipelined: one batch
+        conn.sock.sendall(b"GET s/r\nGET s/r\n")  # pipelined
         assert [conn.reply(), conn.reply()] == [second, second]
     records = [(r["verb"], r["version"], r["result"], r["bytes_in"]) for r in audit()]
     assert records == [
@@ -178,7 +178,6 @@ def test_a_repeated_request_line_is_audited_with_its_own_outcome_each_time(
         ("GET", 2, "OK", 8),
         ("GET", 2, "OK", 8),
     ]
-    assert len({r["time"] for r in audit()[-2:]}) == 1  # one batch, one clock reading
 
 
 def test_a_client_cycling_through_many_request_lines_is_answered_and_audited_right(

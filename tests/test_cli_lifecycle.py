@@ -147,11 +147,12 @@ def test_destroy_asks_on_a_terminal(daemon: Daemon, daemon_env: dict[str, str]) 
         client.rotate("asked")
     declined = _destroy_on_a_terminal(daemon_env, b"n\n")
     assert declined.returncode == 2, declined.stderr
+    assert declined.stderr.startswith(b"Destroy version 1 of asked for good?")
     assert b"kms: " in declined.stderr.splitlines()[-1]  # after the question (no echo here)
     assert states(daemon_env, "asked") == ["active", "active"]
     confirmed = _destroy_on_a_terminal(daemon_env, b"y\n")
     assert confirmed.returncode == 0, confirmed.stderr
-    assert confirmed.stderr.strip()  # the question was asked on stderr, not stdout
+    assert confirmed.stderr.startswith(b"Destroy version 1 of asked for good?")  # on stderr
     assert confirmed.stdout == b""
     assert states(daemon_env, "asked") == ["destroyed", "active"]
 
@@ -245,7 +246,10 @@ def test_rewrap_shows_progress_only_on_a_terminal(
     data = lines_of(old)
 
     # Not a terminal (a pipe): silent.
-    assert kms(["rewrap", "meter"], daemon_env, data).stderr == b""
+    silent = kms(["rewrap", "meter"], daemon_env, data)
+    assert silent.returncode == 0
+    assert silent.stderr == b""
+    assert len(decoded(silent.stdout)) == 600
 
     # A terminal and input from a pipe: a running count, total unknown.
     status, stdout, shown = _rewrap_with_a_terminal(daemon_env, data)

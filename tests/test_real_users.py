@@ -27,9 +27,11 @@ from tests.users import (
     code_of,
     create_system_user,
     delete_system_user,
+    group_exists,
     python_as,
     run_as,
     running,
+    user_exists,
     wait_for,
     why_no_system_users,
     yama_restricts_attach,
@@ -436,10 +438,16 @@ def test_users_are_gone_after_deletion() -> None:
     if why_no_system_users() is not None:
         pytest.skip(str(why_no_system_users()))
     name = "kmst-tmp"
-    made = create_system_user(name)
-    assert pwd.getpwnam(name).pw_uid == made.uid
-    again = create_system_user(name)  # a stale one is replaced, not an error
-    assert pwd.getpwnam(name).pw_uid == again.uid
     delete_system_user(name)
-    with pytest.raises(KeyError):
-        pwd.getpwnam(name)
+    assert not user_exists(name)
+    try:
+        create_system_user(name)
+        assert user_exists(name)
+        again = create_system_user(name)  # a stale one is replaced, not an error
+        assert pwd.getpwnam(name).pw_uid == again.uid
+        assert [entry.pw_name for entry in pwd.getpwall()].count(name) == 1
+        delete_system_user(name)
+        assert not user_exists(name)
+        assert not group_exists(name)
+    finally:
+        delete_system_user(name)

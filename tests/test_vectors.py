@@ -48,8 +48,6 @@ _KMSD_COMMENT = "# kmsd:"
 _KEY_VERBS = frozenset(VERBS) - {"PING", "HELLO", "HELP", "QUIT", "REKEY"}
 #: Protocol keywords a request may hold and an error message may name (usage texts).
 _KEYWORDS = frozenset({*VERBS, "EXPORTABLE", "FILE", "PASSPHRASE"})
-#: Vectors today's kmsd fails because of a daemon bug (not of the spec). Strict: once the bug is
-#: fixed these tests XPASS, which fails the run until the entry is removed.
 #: Replies after which the server closes the connection.
 _CLOSING_REPLIES = ("OK BYE", "ERR TOO_LONG ")
 
