@@ -52,6 +52,7 @@ from kms_server.store import (
     LOCK_NAME,
     METADATA_NAME,
     WRITE_LOCK_NAME,
+    KeyFileDamaged,
     KeyStore,
     StoreError,
     check_private,
@@ -79,9 +80,10 @@ DEV_KEK_NAME = "dev-kek.hex"
 DEV_SOCKET = Path("kms.sock")
 DEV_KEY = "demo"
 
-_EXIT_FOR = {
+_EXIT_FOR: dict[type[Exception], int] = {
     ConfigError: EXIT_CONFIG,
     StoreError: EXIT_STORE,
+    KeyFileDamaged: EXIT_STORE,
     KekError: EXIT_KEK,
     ServerError: EXIT_SOCKET,
     systemd.ActivationError: EXIT_SOCKET,
@@ -105,7 +107,7 @@ def one_line_errors() -> Iterator[None]:
     try:
         yield
     except tuple(_EXIT_FOR) as exc:
-        fail(str(exc), _EXIT_FOR[type(exc)])
+        fail(str(exc), next(code for kind, code in _EXIT_FOR.items() if isinstance(exc, kind)))
     except KeyboardInterrupt:
         sys.exit(130)
     except OSError as exc:

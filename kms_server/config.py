@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ class Settings:
     socket: Path = DEFAULT_SOCKET
     socket_mode: int = 0o600
     kek_file: Path | None = None
-    passphrase_command: str | None = None
+    passphrase_command: str | None = field(default=None, repr=False)  # may hold a passphrase
     passphrase_timeout: float = DEFAULT_COMMAND_TIMEOUT
     max_line: int = DEFAULT_MAX_LINE
     max_connections: int = 1024

@@ -72,6 +72,9 @@ def write_fsynced(path: Path, data: bytes) -> None:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)  # ours (O_EXCL): a full disk must not collect leftovers
+        raise
     finally:
         os.close(fd)
 

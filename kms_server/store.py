@@ -469,20 +469,24 @@ class KeyStore:
         live_generation(store_dir)  # a clear error for a directory that is not a store
         self._lock = locked(store_dir / LOCK_NAME, blocking=False)
         self._lock_fd = self._lock.__enter__()
-        # Read and check only under the lock: an offline rekey cannot switch generations now.
-        self.metadata = read_metadata(store_dir)
-        expected = self.metadata.kek_check.encode()
-        if not constant_time_equal(kek_check_value(kek, self.metadata.store_id).encode(), expected):
-            self._lock.__exit__(None, None, None)
-            raise StoreError("wrong KEK: it does not match the store's check value")
-        for name in remove_other_generations(store_dir):
-            log.info("removed %s: left by an interrupted or finished rekey", name)
-        self.generation = live_generation(store_dir)
-        self.sealer = Sealer(kek, self.metadata.store_id)
-        self._clock = clock
-        self._cache: OrderedDict[str, KeyRecord] = OrderedDict()
-        self._cache_keys = cache_keys
-        self.rotation = self._read_rotation()
+        try:
+            # Read and check only under the lock: an offline rekey cannot switch generations.
+            self.metadata = read_metadata(store_dir)
+            expected = self.metadata.kek_check.encode()
+            check = kek_check_value(kek, self.metadata.store_id).encode()
+            if not constant_time_equal(check, expected):
+                raise StoreError("wrong KEK: it does not match the store's check value")
+            for name in remove_other_generations(store_dir):
+                log.info("removed %s: left by an interrupted or finished rekey", name)
+            self.generation = live_generation(store_dir)
+            self.sealer = Sealer(kek, self.metadata.store_id)
+            self._clock = clock
+            self._cache: OrderedDict[str, KeyRecord] = OrderedDict()
+            self._cache_keys = cache_keys
+            self.rotation = self._read_rotation()
+        except BaseException:
+            self._lock.__exit__(None, None, None)  # any failure to open leaves the store free
+            raise
         #: Keys whose usage counters changed since the last flush.
         self.dirty: set[str] = set()
 

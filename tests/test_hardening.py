@@ -16,6 +16,7 @@ import pytest
 
 from kms_client.errors import InternalError
 from kms_client.protocol import DataKey, Decrypt, Encrypt, KeyMaterial
+from kms_server.config import Settings
 from kms_server.crypto import XAES256GCM
 from kms_server.kek import KekFile
 from kms_server.keys import KeyVersion
@@ -177,6 +178,13 @@ def test_reprs_of_key_holding_objects_show_no_key_bytes(secret: bytes) -> None:
         assert_hidden(repr(thing), secret, secret[::-1])
         assert_hidden(str(thing), secret, secret[::-1])
     assert "pg/db1" in repr(version)  # the repr still says which key it is
+
+
+def test_settings_repr_hides_a_passphrase_command() -> None:
+    """A command line may carry the passphrase itself (``echo ...``), so it is never shown."""
+    settings = Settings(passphrase_command="echo correct-horse-battery")  # noqa: S106
+    assert "correct-horse" not in repr(settings)
+    assert "correct-horse" not in str(settings)
 
 
 @pytest.fixture

@@ -483,3 +483,18 @@ def test_non_finite_durations_are_config_errors(short_tmp: Path, case: str) -> N
         flag = "--" + case.removesuffix("-nan")
         result = exit_before_serving([*serve, flag, "nan"], socket_path)
     assert_fails(result, EXIT_CONFIG)
+
+
+def test_a_damaged_rotation_index_stops_serve_with_one_line_and_the_store_exit_code(
+    short_tmp: Path,
+) -> None:
+    daemon = make_store(short_tmp / "d")
+    (daemon.store / "live" / "rotation.seal").write_bytes(b"not a sealed document")
+    result = kmsd(*daemon.command()[len(KMSD) :])
+    assert result.returncode == 3
+    stderr = result.stderr.decode()
+    assert "Traceback" not in stderr
+    log_line, error_line = stderr.splitlines()  # the log names the file, then one error line
+    assert "rotation.seal failed its integrity check" in log_line
+    assert error_line.startswith("kmsd: error: ")
+    assert not Path(daemon.socket_path).exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import shlex
@@ -22,6 +23,7 @@ from kms_client.errors import KeyExists, KeyNotFound
 from kms_client.protocol import parse_request
 from kms_server.crypto import KEY_SIZE, random_bytes
 from kms_server.dispatch import Dispatcher
+from kms_server.files import replace_file, write_new_file
 from kms_server.kek import (
     ARGON2_MEMORY_KIB,
     KekError,
@@ -34,6 +36,7 @@ from kms_server.store import (
     KEYS_DIR,
     LIVE_LINK,
     METADATA_NAME,
+    ROTATION_NAME,
     STATE_NAME,
     STORE_FORMAT,
     KeyFileDamaged,
@@ -753,3 +756,27 @@ def test_a_state_change_lands_on_the_record_cached_after_its_write(
         assert check(store.record("a"))
     finally:
         store.close()
+
+
+def test_a_store_that_fails_to_open_is_left_unlocked(store_dir: Path, kek: bytes) -> None:
+    (store_dir / LIVE_LINK / ROTATION_NAME).write_bytes(b"not a sealed document")
+    failures = []  # kept: a traceback keeps the half-made store alive, and its lock with it
+    for _ in range(2):  # the second open finds the store free, and the same damage
+        with pytest.raises(KeyFileDamaged) as failure:
+            KeyStore(store_dir, kek, clock=clock)
+        failures.append(failure)
+
+
+def test_a_failed_write_leaves_no_file_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stand-in for a full or failing disk, which this machine cannot safely provide.
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space"):
+        replace_file(tmp_path / "state.seal", b"sealed")
+    with pytest.raises(OSError, match="No space"):
+        write_new_file(tmp_path / "_v1.key", b"sealed")
+    assert list(tmp_path.iterdir()) == []
