@@ -486,6 +486,8 @@ def rewrap_lines(
 
 
 def exit_code_for(error: KmsError | LocalError) -> int:
+    if type(error) is KmsError:  # an ERR code this client does not know, even "TIMEOUT"
+        return EXIT_UNKNOWN
     return EXIT_CODES.get(str(error.code), EXIT_UNKNOWN)
 
 

@@ -43,6 +43,7 @@ _KEY_ID_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._
 _VERSION_RE = re.compile(rb"[1-9][0-9]{0,9}")
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _PAD = ord("=")
+_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]*")  # (a newer daemon may add codes)
 #: The symbols that may stand before the padding: those whose bits past the data are zero
 #: (4 bits before ``==``, 2 before ``=``), so each value has exactly one spelling.
 _CLEAN_BEFORE_TWO_PADS = frozenset(c for v, c in enumerate(_B64_ALPHABET) if not v & 0x0F)
@@ -377,13 +378,17 @@ def parse_response(line: bytes) -> Response:
         text = line.decode("ascii")
     except UnicodeDecodeError:
         raise ProtocolViolation("server sent non-ASCII bytes") from None
+    if not text.isprintable():  # control bytes would reach a terminal through messages
+        raise ProtocolViolation("server sent control characters")
     if text == "OK":
         return Ok(())
     if text.startswith("OK "):
-        return Ok(tuple(text[3:].split(" ")))
-    if text.startswith("ERR "):
+        fields = tuple(text[3:].split(" "))
+        if "" not in fields:
+            return Ok(fields)
+    elif text.startswith("ERR "):
         code, _, message = text[4:].partition(" ")
-        if code:
+        if _ERROR_CODE.fullmatch(code):
             return Err(code, message)
     raise ProtocolViolation("server sent a malformed response")
 
@@ -764,9 +769,12 @@ def _version_command(cls: type[_VersionCommand]) -> Any:
 
 
 def _parse_config(args: list[bytes]) -> Configure:
-    if len(args) != 2 or args[1][:7].lower() != b"rotate=":
-        raise BadRequest("usage: CONFIG <key-id> rotate=<period>|rotate=off")
-    key_id = validate_key_id(args[0])
+    usage = "usage: CONFIG <key-id> rotate=<period>|rotate=off"
+    if len(args) != 2:
+        raise BadRequest(usage)
+    key_id = validate_key_id(args[0])  # the key id first, as for every verb
+    if args[1][:7].lower() != b"rotate=":
+        raise BadRequest(usage)
     value = args[1][7:]
     return Configure(key_id, None if value.lower() == b"off" else parse_period(value))
 

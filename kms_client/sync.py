@@ -40,7 +40,14 @@ from itertools import islice
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from kms_client.errors import ConnectionFailed, KmsError, ProtocolViolation, Timeout, TooLong
+from kms_client.errors import (
+    BadRequest,
+    ConnectionFailed,
+    KmsError,
+    ProtocolViolation,
+    Timeout,
+    TooLong,
+)
 from kms_client.protocol import (
     DEFAULT_DATAKEY_BYTES,
     Configure,
@@ -103,12 +110,16 @@ def check_request(request: Request[Any]) -> bytes:
     The codec formats whatever it is given, so a key id such as ``"a\\nROTATE b"``
     would smuggle a second request onto the wire and desynchronise every reply
     after it. Key ids are therefore validated here, before anything is sent, and
-    raise :class:`~kms_client.errors.BadKeyId` exactly as the daemon would.
+    raise :class:`~kms_client.errors.BadKeyId` exactly as the daemon would; a line
+    break in any other field is :class:`~kms_client.errors.BadRequest`.
     """
     key_id = getattr(request, "key_id", None)
     if isinstance(key_id, str):
         validate_key_id(key_id.encode("ascii", "replace"))
-    return request.to_line()
+    line = request.to_line()
+    if line.find(b"\n") != len(line) - 1 or b"\r" in line:  # any other field, say a REKEY source
+        raise BadRequest("a request field holds a line break")
+    return line
 
 
 def settle(request: Request[R], response: Response) -> R | KmsError:

@@ -34,7 +34,13 @@ from kms_client.cli import (
     iter_chunks,
     stream_aad,
 )
-from kms_client.errors import ERROR_CLASSES, ConnectionFailed, ProtocolViolation, Timeout
+from kms_client.errors import (
+    ERROR_CLASSES,
+    ConnectionFailed,
+    ProtocolViolation,
+    Timeout,
+    error_for_code,
+)
 from kms_client.protocol import Decrypt, Encrypt, Request
 from tests.conftest import Daemon
 from tests.scripted_server import ScriptedServer, reply_with, silent
@@ -73,10 +79,11 @@ def test_exit_code_table_covers_every_error_class() -> None:
     assert not {0, 1, 2} & set(statuses)
 
 
-def test_unknown_codes_exit_1() -> None:
-    future = KmsError("from a newer daemon")
-    future.code = "SOMETHING_NEW"
-    assert kms_cli.exit_code_for(future) == 1
+@pytest.mark.parametrize(
+    "code", ["SOMETHING_NEW", "TIMEOUT", "LOCAL", "CONNECTION_FAILED", "PROTOCOL_VIOLATION"]
+)
+def test_unknown_server_codes_exit_1_even_when_they_spell_a_client_side_one(code: str) -> None:
+    assert kms_cli.exit_code_for(error_for_code(code, "from a newer daemon")) == 1
 
 
 def test_exit_codes_are_documented() -> None:

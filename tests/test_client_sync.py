@@ -31,7 +31,7 @@ from kms_client import (
     Retired,
     Timeout,
 )
-from kms_client.protocol import Decrypt, Encrypt, Get, Ping, Request, Rotate
+from kms_client.protocol import Decrypt, Encrypt, Get, Ping, Rekey, Request, Rotate
 from kms_server.crypto import random_bytes
 from tests.conftest import Daemon, make_store
 from tests.scripted_server import (
@@ -115,6 +115,20 @@ def test_bad_key_ids_are_refused_before_sending(short_tmp: Path, key_id: str) ->
         assert error.value.code == "BAD_KEY_ID"
         with pytest.raises(BadKeyId):
             c.pipeline([Ping(), Get(key_id)])
+        assert not c.connected
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [Rekey("file x\nROTATE demo", "path"), Rekey("file\r", "path"), Get("demo", "1\nPING")],  # type: ignore[arg-type]
+    ids=["rekey-source-lf", "rekey-source-cr", "version-lf"],
+)
+def test_a_line_break_in_any_field_is_refused_before_sending(
+    short_tmp: Path, request_: Request[Any]
+) -> None:
+    with Client(short_tmp / "absent.sock") as c:
+        with pytest.raises(BadRequest):
+            c.pipeline([request_])
         assert not c.connected
 
 

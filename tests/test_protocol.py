@@ -356,6 +356,9 @@ def test_bad_key_ids_for_every_verb(key_id: bytes) -> None:
         (b"ENC .. !!!!", BAD_KEY_ID),
         (b"ENC k !!!! !!!!", BAD_REQUEST),
         (b"CREATE .. nonsense", BAD_KEY_ID),
+        (b"CONFIG .. nonsense", BAD_KEY_ID),
+        (b"CONFIG k nonsense", BAD_REQUEST),
+        (b"CONFIG .. rotate=1d extra", BAD_REQUEST),
     ],
 )
 def test_error_precedence(line: bytes, code: str) -> None:
@@ -459,7 +462,12 @@ def test_unknown_code_from_a_newer_server_is_a_plain_kms_error() -> None:
 
 
 @pytest.mark.parametrize(
-    "line", [b"", b"PONG", b"ok PONG", b"OKAY", b"OK\xff", b"ERR", b"ERR ", b"ERRX y", b"\xffOK"]
+    "line",
+    [
+        *(b"", b"PONG", b"ok PONG", b"OKAY", b"OK\xff", b"ERR", b"ERR ", b"ERRX y", b"\xffOK"),
+        *(b"OK ", b"OK 1 ", b"OK a  b"),  # empty fields (an empty "plaintext" or key)
+        *(b"ERR not_found x", b"ERR  x", b"ERR BAD_REQUEST \x1b]0;title\x07"),  # to a terminal
+    ],
 )
 def test_garbage_replies_are_protocol_violations(line: bytes) -> None:
     with pytest.raises(ProtocolViolation):
