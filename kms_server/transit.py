@@ -764,12 +764,22 @@ class HealthWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            # Any failure is shown as the status, never fatal to the daemon or this thread.
             try:
                 current = self._description() if self._description else None
-            except Exception as error:  # shown as the status, never fatal to the daemon
+            except Exception as error:
                 status = f"degraded: cannot read the store's Transit description: {error}"
             else:
-                status = self.source.health(current)
-            if status != self.status:
-                self.status = status
-                self._on_change(status)
+                if current is not None and current.get("kind") != TRANSIT_KIND:
+                    self._report("ok")  # rekeyed away from Transit: nothing left to watch
+                    return
+                try:
+                    status = self.source.health(current)
+                except Exception as error:
+                    status = f"degraded: health check failed: {type(error).__name__}"
+            self._report(status)
+
+    def _report(self, status: str) -> None:
+        if status != self.status:
+            self.status = status
+            self._on_change(status)

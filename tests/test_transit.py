@@ -609,6 +609,22 @@ def test_health_watch_reports_transitions(own_bao: DevServer, token_file: Path) 
     assert changes[1] == "ok"
 
 
+def test_health_watch_stops_when_the_store_no_longer_uses_transit(token_file: Path) -> None:
+    """After an online rekey to a file KEK the watch reports ok and ends (no more checks)."""
+    transit = TransitSource(["http://127.0.0.1:1"], token_file=token_file, start_timeout=0)
+    kinds = iter([{"kind": "transit"}, {"kind": "file"}])
+    changes: list[str] = []
+    watch = HealthWatch(transit, 0.05, changes.append, lambda: next(kinds))
+    watch.start()
+    deadline = time.monotonic() + 10
+    while watch._thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not watch._thread.is_alive()
+    assert changes[0].startswith("degraded: ")  # the damaged transit description, first
+    assert changes[-1] == "ok"
+    assert watch.status == "ok"
+
+
 @pytest.mark.slow
 def test_ha_cluster_survives_the_leader(tmp_path: Path, token_file: Path) -> None:
     """Three Raft nodes; SIGKILL the leader; a new source given all URLs still unwraps."""
