@@ -357,11 +357,11 @@ class AsyncClient:
             return await self._exchange(line)
         except BrokenConnection as broken:
             if broken.sent and not request.repeatable:
-                raise connection_broken(request.verb, broken.sent, False) from broken
+                raise connection_broken(request, broken.sent, False) from broken
         try:
             return await self._exchange(line)
         except BrokenConnection as again:
-            raise connection_broken(request.verb, again.sent, True) from again
+            raise connection_broken(request, again.sent, True) from again
 
     async def _exchange(self, line: bytes) -> bytes:
         """One request line out, one response line back."""

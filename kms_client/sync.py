@@ -149,18 +149,15 @@ def rewrapped(results: Sequence[Any]) -> Iterator[bytes]:
         yield result
 
 
-def connection_broken(verb: str, sent: bool, retried: bool) -> ConnectionFailed:
+def connection_broken(request: Request[Any], sent: bool, retried: bool) -> ConnectionFailed:
     """The error for a dead connection, saying whether the request may have been applied."""
     if retried:
-        return ConnectionFailed("connection to the key daemon broke, and again after reconnecting")
-    if not sent:
-        return ConnectionFailed(
-            f"connection to the key daemon was closed before {verb} was sent"
-            " (not applied; not resent automatically)"
-        )
-    return ConnectionFailed(
-        f"connection to the key daemon broke before the reply to {verb}; it may have been applied"
-    )
+        text = "connection to the key daemon broke, and again after reconnecting"
+    else:
+        text = f"connection to the key daemon broke before the reply to {request.verb}"
+    if sent and not request.repeatable:
+        text += f"; the {request.verb} may have been applied"
+    return ConnectionFailed(text)
 
 
 class Client:
@@ -231,11 +228,11 @@ class Client:
                 reply = self._exchange(line, deadline)
             except BrokenConnection as broken:
                 if broken.sent and not request.repeatable:
-                    raise connection_broken(request.verb, broken.sent, False) from broken
+                    raise connection_broken(request, broken.sent, False) from broken
                 try:
                     reply = self._exchange(line, deadline)
                 except BrokenConnection as again:
-                    raise connection_broken(request.verb, again.sent, True) from again
+                    raise connection_broken(request, again.sent, True) from again
             try:
                 result = settle(request, parse_response(reply))
             except ProtocolViolation:

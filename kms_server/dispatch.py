@@ -79,7 +79,7 @@ class Dispatcher:
         rekeyer: Rekeyer | None = None,
         kek_status: Callable[[], str] = lambda: "ok",
     ) -> None:
-        self.store = self._store = store
+        self.store = store
         self._rekeyer = rekeyer
         #: "ok", or "degraded: <why>" while an upstream key service cannot unwrap the root.
         self._kek_status = kek_status
@@ -96,7 +96,7 @@ class Dispatcher:
         Every failure becomes an ``ERR`` line.
         """
         try:  # one call level, not two: this runs for every request on the event loop
-            store = self._store
+            store = self.store
             # Ordered by how often a database asks.
             if type(request) is Encrypt:
                 key = store.usable(request.key_id)
@@ -150,7 +150,7 @@ class Dispatcher:
 
     def _key_for(self, key_id: str, ciphertext: bytes) -> KeyVersion:
         """The usable version a ciphertext names; a version the key lacks is BAD_CIPHERTEXT."""
-        store = self._store
+        store = self.store
         version = ciphertext_version(ciphertext)
         try:
             return store.usable(key_id, version)
@@ -166,10 +166,10 @@ class Dispatcher:
         usage.encryptions += encryptions
         usage.decryptions += decryptions
         usage.bytes += size
-        self._store.dirty.add(key.key_id)
+        self.store.dirty.add(key.key_id)
 
     def _info(self, key_id: str) -> str:
-        store = self._store
+        store = self.store
         record = store.record(key_id)
         versions = []
         exportable = False
@@ -225,7 +225,7 @@ class Dispatcher:
             return format_error(InternalError()), None
 
     async def _create(self, request: Create, run_blocking: ThreadRunner[Any]) -> Reply:
-        store = self._store
+        store = self.store
         if store.exists(request.key_id):
             raise KeyExists()
         state = KeyState(rotate_period=request.rotate_period)
@@ -251,7 +251,7 @@ class Dispatcher:
 
     async def rotate(self, key_id: str, run_blocking: ThreadRunner[Any]) -> Reply:
         """Write the next version (also used by automatic rotation)."""
-        store = self._store
+        store = self.store
         record = store.record(key_id)
         latest = store.version(key_id) if record.latest in record.files else None
         exportable = latest.exportable if latest else self._exportable(key_id)
@@ -282,7 +282,7 @@ class Dispatcher:
 
     def rotations_due(self, now: float, candidates: list[str] | None = None) -> list[str]:
         """Keys with a rotation period whose latest version is at least that old."""
-        store = self._store
+        store = self.store
         due = []
         for key_id in list(store.rotation) if candidates is None else candidates:
             period = store.rotation.get(key_id)
@@ -298,7 +298,7 @@ class Dispatcher:
         return due
 
     def _exportable(self, key_id: str) -> bool:
-        store = self._store
+        store = self.store
         record = store.record(key_id)
         for number in reversed(record.files):
             return store.version(key_id, number).exportable
@@ -307,7 +307,7 @@ class Dispatcher:
     async def _change_version_state(
         self, request: Retire | Restore | Destroy, run_blocking: ThreadRunner[Any]
     ) -> Reply:
-        store = self._store
+        store = self.store
         key_id, number = request.key_id, request.version
         record = store.record(key_id)
         if number not in record.versions:
@@ -354,7 +354,7 @@ class Dispatcher:
     async def _configure(
         self, key_id: str, period: int | None, run_blocking: ThreadRunner[Any]
     ) -> Reply:
-        store = self._store
+        store = self.store
         state = KeyState(period, dict(store.record(key_id).state.usage))
         rotation = dict(store.rotation)
         if period is None:

@@ -20,7 +20,6 @@ import io
 import logging
 import os
 import tarfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +75,6 @@ def build_generation(
     old_sealer: Sealer,
     new_kek: bytes | bytearray,
     new_description: dict[str, object],
-    progress: Callable[[str], None] = lambda key_id: None,
 ) -> tuple[Path, StoreMetadata, Sealer]:
     """Re-seal the live generation under ``new_kek`` into the next generation (not yet live).
 
@@ -112,7 +110,6 @@ def build_generation(
             write_fsynced(target / file_name(number), new_sealer.seal_key_file(opened))
             opened.wipe()
         fsync_directory(target)
-        progress(key_id)
     rotation_path = old_generation / ROTATION_NAME
     if rotation_path.exists():
         document = old_sealer.open_document(
@@ -132,7 +129,6 @@ def rekey_offline(
     old_kek: bytes | bytearray,
     new_kek: bytes | bytearray,
     new_description: dict[str, object],
-    progress: Callable[[str], None] = lambda key_id: None,
 ) -> int:
     """Rekey a store no daemon is serving. Returns the new generation number."""
     check_private(store_dir)
@@ -144,7 +140,7 @@ def rekey_offline(
         metadata = read_metadata(store_dir)
         check_kek(metadata, old_kek)
         generation, new_metadata, _ = build_generation(
-            store_dir, Sealer(old_kek, metadata.store_id), new_kek, new_description, progress
+            store_dir, Sealer(old_kek, metadata.store_id), new_kek, new_description
         )
         switch_live(store_dir, generation)
         remove_other_generations(store_dir)

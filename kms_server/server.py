@@ -420,7 +420,7 @@ class Server:
                             reply, version = respond(request)
                             closing = type(request) is Quit
                     replies.append(reply)
-                    result = "OK" if reply.startswith(b"OK") else result_of(reply)
+                    result = "OK" if reply.startswith(b"OK") else error_code_of(reply)
                     size_in = len(line) + 1 if sizes is None else sizes[number]
                     outcome = (version, result, size_in, len(reply))
                     if known is not None and known.outcome == outcome:
@@ -467,10 +467,8 @@ def verb_of(line: bytes) -> str:
     return verb if verb in VERBS else "-"
 
 
-def result_of(reply: bytes) -> str:
-    """``OK`` or the error code of a response line."""
-    if reply.startswith(b"OK"):
-        return "OK"
+def error_code_of(reply: bytes) -> str:
+    """The code of an ``ERR <code> <message>`` line."""
     return reply[4 : reply.index(b" ", 4)].decode("ascii")
 
 

@@ -563,7 +563,9 @@ class KeyStore:
         self._cache.move_to_end(record.key_id)
         while len(self._cache) > self._cache_keys:
             evicted_id, evicted = self._cache.popitem(last=False)
-            if evicted_id in self.dirty:  # keep counters to flush: re-insert, evict another
+            if evicted_id in self.dirty:
+                # Its counters are not flushed yet: keep it (oldest) and stop here; the
+                # cache stays over its size until the next flush (every few seconds).
                 self._cache[evicted_id] = evicted
                 self._cache.move_to_end(evicted_id, last=False)
                 break
@@ -684,10 +686,6 @@ class KeyStore:
         self.generation = generation
         self.metadata = metadata
         self.sealer = sealer
-
-    def key_ids(self) -> Iterator[str]:
-        """Every key id in the live generation (walks the directory tree)."""
-        yield from walk_key_ids(self.generation / KEYS_DIR)
 
 
 def walk_key_ids(keys_dir: Path) -> Iterator[str]:
