@@ -269,7 +269,7 @@ def _decode_stdlib(token: bytes) -> bytes:
     return binascii.a2b_base64(token, strict_mode=True)
 
 
-def _encode_stdlib(value: bytes) -> bytes:
+def _encode_stdlib(value: bytes | bytearray) -> bytes:
     return binascii.b2a_base64(value, newline=False)
 
 
@@ -279,7 +279,7 @@ def _encode_stdlib(value: bytes) -> bytes:
 # both agree on valid and invalid input).
 _decode: Callable[[bytes], bytes]
 #: Standard padded base64 of ``value``.
-b64encode: Callable[[bytes], bytes]
+b64encode: Callable[[bytes | bytearray], bytes]
 try:
     import pybase64
 

@@ -55,9 +55,8 @@ def wipe(buffer: bytearray) -> None:
 
 def hkdf_sha256(key_material: bytes | bytearray, info: bytes, length: int = KEY_SIZE) -> bytes:
     """HKDF-SHA256 (RFC 5869) with no salt: separates uses of one key by ``info`` label."""
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(
-        bytes(key_material)
-    )
+    # The bytearray itself: a bytes() copy of key material could never be wiped.
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(key_material)
 
 
 def argon2id(
@@ -106,7 +105,7 @@ class XAES256GCM:
         block_2 = ((0x0002_5800 << 96) | suffix) ^ self._k1
         return self._ecb.update(block_1.to_bytes(16, "big") + block_2.to_bytes(16, "big"))
 
-    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes | None) -> bytes:
+    def encrypt(self, nonce: bytes, plaintext: bytes | bytearray, aad: bytes | None) -> bytes:
         """Ciphertext and tag (without the nonce) for a 24-byte nonce."""
         return AESGCM(self.derive_key(nonce[:12])).encrypt(nonce[12:], plaintext, aad)
 
@@ -116,7 +115,7 @@ class XAES256GCM:
         except InvalidTag:
             raise AuthenticationFailed() from None
 
-    def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
+    def seal(self, plaintext: bytes | bytearray, aad: bytes, nonce: bytes | None = None) -> bytes:
         """``nonce || ciphertext || tag`` under a fresh random nonce (or a given one, for tests)."""
         if nonce is None:
             nonce = os.urandom(NONCE_SIZE)

@@ -114,7 +114,7 @@ class Dispatcher:
                     raise NotExportable()
                 exported = key.export_reply
                 if not exported:
-                    material = bytes(key.live_material())
+                    material = key.live_material()  # encoded straight from the wiped buffer
                     exported += format_ok(str(key.version).encode(), b64encode(material))
                 return bytes(exported), key.version
             if type(request) is GenerateDataKey:

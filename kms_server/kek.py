@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kms_server.crypto import KEY_SIZE, argon2id, random_bytes
+from kms_server.crypto import KEY_SIZE, argon2id, random_bytes, wipe
 
 #: RFC 9106 section 4, second recommended option: t=3, p=4, m=64 MiB, 16-byte salt.
 ARGON2_ITERATIONS = 3
@@ -63,11 +63,14 @@ class KekFile:
         if len(data) == KEY_SIZE:
             return data
         text = data.strip()
-        if len(text) == 2 * KEY_SIZE:
-            try:
+        try:
+            if len(text) == 2 * KEY_SIZE:
                 return bytearray(binascii.unhexlify(text))
-            except binascii.Error:
-                pass
+        except binascii.Error:
+            pass
+        finally:  # the hex spelling of the KEK is not kept around
+            wipe(data)
+            wipe(text)
         raise KekError(f"KEK file {self.path} must hold 32 raw bytes or 64 hex characters")
 
 

@@ -347,7 +347,7 @@ class Sealer:
         header = json.dumps({"created": version.created, "exportable": version.exportable})
         head = KEY_FILE_MAGIC + len(header).to_bytes(2, "big") + header.encode()
         aad = self._aad(b"key file", version.key_id, version.version, head)
-        return head + self._wrapper.seal(bytes(version.material), aad)
+        return head + self._wrapper.seal(version.material, aad)  # no unwipeable copy
 
     def open_key_file(self, key_id: str, version: int, data: bytes, path: Path) -> KeyVersion:
         try:
