@@ -10,7 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,37 @@ from kms_server.kek import KekFile
 from kms_server.store import init_store
 
 KMSD = [sys.executable, "-m", "kms_server"]
+
+
+def kmsd(
+    *args: object, timeout: float = 60.0, cwd: Path | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """One ``kmsd`` command line (never a shell), its output captured, no input."""
+    return subprocess.run(
+        [*KMSD, *map(str, args)],
+        capture_output=True,
+        timeout=timeout,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def kmsd_all(*commands: Sequence[object]) -> list[subprocess.CompletedProcess[bytes]]:
+    """Independent ``kmsd`` runs, a few at a time: each costs ~0.3 s of interpreter start-up."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda args: kmsd(*args), commands))
+
+
+def assert_fails(result: subprocess.CompletedProcess[bytes], exit_code: int) -> None:
+    """The failure has its documented exit code and exactly one line on stderr."""
+    stderr = result.stderr.decode()
+    assert result.returncode == exit_code, stderr
+    assert stderr.endswith("\n")
+    assert stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr
+
+
 KMS = [sys.executable, "-m", "kms_client"]
 START_TIMEOUT = 15.0
 

@@ -29,14 +29,12 @@ from pathlib import Path
 import pytest
 
 from kms_server.store import KEYS_DIR, LIVE_LINK, METADATA_NAME, ROTATION_NAME, STATE_NAME
-from tests.conftest import Daemon, make_store
+from tests.conftest import Daemon, kmsd, kmsd_all, make_store
 from tests.test_rekey import (
     EXIT_OK,
     EXIT_STORE,
     Sample,
     check_via_socket,
-    kmsd,
-    kmsd_all,
     populate,
     write_kek,
 )

@@ -20,38 +20,21 @@ import pytest
 
 from kms_server import __version__
 from kms_server.crypto import random_bytes
-from tests.conftest import KMSD, Daemon, exchange, make_store, wait_until_serving
+from tests.conftest import (
+    KMSD,
+    Daemon,
+    assert_fails,
+    exchange,
+    kmsd,
+    kmsd_all,
+    make_store,
+    wait_until_serving,
+)
 
 EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_KEK = 4
 EXIT_SOCKET = 5
-
-
-def kmsd(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [*KMSD, *map(str, args)],
-        capture_output=True,
-        timeout=20,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
-def kmsd_all(*commands: Sequence[object]) -> list[subprocess.CompletedProcess[bytes]]:
-    """Independent `kmsd` runs, a few at a time: each costs ~0.25 s of interpreter start-up."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(lambda args: kmsd(*args), commands))
-
-
-def assert_fails(result: subprocess.CompletedProcess[bytes], exit_code: int) -> None:
-    """The failure has its documented exit code and exactly one line on stderr."""
-    stderr = result.stderr.decode()
-    assert result.returncode == exit_code, stderr
-    assert stderr.endswith("\n")
-    assert stderr.count("\n") == 1, stderr
-    assert "Traceback" not in stderr
 
 
 @contextmanager

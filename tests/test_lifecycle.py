@@ -30,6 +30,7 @@ from kms_server.store import (
     live_generation,
 )
 from tests.conftest import Daemon, make_store
+from tests.test_acl import acl_text
 from tests.users import Conn, b64, code_of, running, wait_for
 
 UID = os.getuid()
@@ -395,18 +396,6 @@ def test_automatic_rotation_config_and_its_persistence(fast_daemon: Daemon) -> N
 
 
 # --------------------------------------------------------------------------- ACL
-
-
-def acl_text(*rules: tuple[list[str], list[str]]) -> str:
-    lines: list[str] = []
-    for keys, operations in rules:
-        lines += [
-            "[[allow]]",
-            f"users = [{UID}]",
-            f"keys = {json.dumps(keys)}",
-            f"operations = {json.dumps(operations)}",
-        ]
-    return "\n".join(lines) + "\n"
 
 
 def test_lifecycle_verbs_are_acl_operations(short_tmp: Path) -> None:

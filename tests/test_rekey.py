@@ -22,8 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from kms_server.store import (
     StoreError,
     read_metadata,
 )
-from tests.conftest import KMSD, Daemon, make_store
+from tests.conftest import KMSD, Daemon, kmsd, kmsd_all, make_store
 from tests.users import Conn, b64, code_of, running
 
 EXIT_OK = 0
@@ -51,22 +50,6 @@ EXIT_STORE = 3
 EXIT_KEK = 4
 
 # --------------------------------------------------------------------------- helpers
-
-
-def kmsd(*args: object, timeout: float = 60.0) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [*KMSD, *map(str, args)],
-        capture_output=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
-def kmsd_all(*commands: Sequence[object]) -> list[subprocess.CompletedProcess[bytes]]:
-    """Independent `kmsd` runs side by side: each costs ~0.4 s of interpreter start-up."""
-    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
-        return list(pool.map(lambda args: kmsd(*args), commands))
 
 
 def python_command(code: str) -> str:

