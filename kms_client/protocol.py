@@ -19,7 +19,6 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, ClassVar, Generic, TypeVar
 
 from kms_client.errors import (
@@ -258,7 +257,7 @@ def parse_version(token: bytes) -> int:
     return version
 
 
-def _decode_stdlib(token: bytes) -> bytes:
+def _decode_stdlib(token: bytes, _altchars: None = None, _validate: bool = True) -> bytes:
     # binascii's strict mode still takes padding past a whole quantum ("0000=",
     # "AAAA===="): only a length that is a multiple of 4, with "=" in the last two
     # places at most, is the one spelling pybase64 (validate=True) accepts.
@@ -277,7 +276,9 @@ def _encode_stdlib(value: bytes | bytearray) -> bytes:
 # otherwise dominate an 8 KiB ENC. The daemon depends on it; a client without it
 # falls back to the standard library with the same strict rules (a test checks
 # both agree on valid and invalid input).
-_decode: Callable[[bytes], bytes]
+#: ``(token, altchars, validate)``: called with positional arguments, since parsing
+#: keywords costs pybase64 more than decoding a 64-byte value.
+_decode: Callable[[bytes, None, bool], bytes]
 #: Standard padded base64 of ``value``.
 b64encode: Callable[[bytes | bytearray], bytes]
 try:
@@ -285,7 +286,7 @@ try:
 
     # The C functions themselves, not Python wrappers: in the daemon a Python call
     # level costs as much as encoding a 64-byte ciphertext.
-    _decode = partial(pybase64.b64decode, validate=True)
+    _decode = pybase64.b64decode
     b64encode = pybase64.b64encode
 
 except ImportError:  # pragma: no cover - exercised by the stdlib-only client test
@@ -301,7 +302,7 @@ def b64decode_strict(token: bytes) -> bytes:
     padding bits, so every value has exactly one accepted encoding.
     """
     try:
-        value = _decode(token)
+        value = _decode(token, None, True)
     except (binascii.Error, ValueError):
         raise BadRequest("invalid base64") from None
     if value and token[-1] == _PAD:  # a value decodes from 4 symbols or more

@@ -20,9 +20,10 @@ each request that changes the store): ``time`` is when the batch was served.
 
 A line is built from three parts: the batch's :meth:`AuditLog.head` (time and
 connection), the request's :meth:`AuditLog.subject`, and its :meth:`AuditLog.tail`
-(duration). The server keeps the subject of a repeated request line, so
-auditing a client that asks for the same key again and again costs a list append,
-not a format (the three parts are joined once per batch).
+(duration). The server keeps the subjects a connection produced, by their fields,
+so auditing a client that asks for the same key again and again, or encrypts pages
+of one size, costs a dict lookup, not a format (the three parts are joined once per
+batch).
 
 A file is opened with ``O_APPEND`` and reopened on SIGHUP, so logrotate can move
 it away.
@@ -116,8 +117,8 @@ class AuditLog:
     ) -> str:
         """The middle of a line: what was asked and what came of it.
 
-        A client repeating one request gets the same subject every time, so the
-        server keeps it with the request instead of formatting it again.
+        The same arguments give the same subject, so the server keeps it instead of
+        formatting it again.
         """
         key = "null" if key_id is None else f'"{key_id}"'
         number = "null" if version is None else version

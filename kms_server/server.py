@@ -85,24 +85,26 @@ MAX_KNOWN_LINE = 280
 #: key id), so 64 of them, with the ACL decisions, bound a connection's caches at
 #: ~0.2 MB in the worst case and a daemon at its default 1024 connections at ~0.2 GB.
 MAX_KNOWN_LINES = 64
+#: Audit subjects kept per connection, by (verb, key id, version, result, sizes): a
+#: client repeating a request, or sending payloads of one size (a database encrypting
+#: pages), gets its subject from a dict instead of formatting it. Bounded like the
+#: known lines (an entry takes at most ~1 KB).
+MAX_CACHED_SUBJECTS = 64
 
 
 class KnownLine:
-    """A request line a connection sent before: its parse, its ACL decision, its audit subject.
+    """A request line a connection sent before: its parse and its ACL decision.
 
     Only requests without a payload are kept (a database asking for the same key
-    again and again); the audit subject is reused while the request has the same
-    outcome (version, result and sizes), which is every time for a repeated ``GET``.
+    again and again).
     """
 
-    __slots__ = ("key_id", "outcome", "permitted", "request", "subject")
+    __slots__ = ("key_id", "permitted", "request")
 
     def __init__(self, request: Request[Any], key_id: str | None, permitted: bool) -> None:
         self.request = request
         self.key_id = key_id
         self.permitted = permitted
-        self.outcome: tuple[int | None, str, int, int] | None = None
-        self.subject = ""
 
 
 class ServerError(Exception):
@@ -319,6 +321,7 @@ class Server:
         acl_generation = access.generation
         decisions: dict[tuple[str, str | None], bool] = {}
         known_lines: dict[bytes, KnownLine] = {}
+        subjects: dict[tuple[str, str | None, int | None, str, int, int], str] = {}
         framer = LineFramer(self._limits.max_line)
         feed_lines = framer.feed_lines
         timeout = self._limits.idle_timeout
@@ -422,13 +425,12 @@ class Server:
                     replies.append(reply)
                     result = "OK" if reply.startswith(b"OK") else error_code_of(reply)
                     size_in = len(line) + 1 if sizes is None else sizes[number]
-                    outcome = (version, result, size_in, len(reply))
-                    if known is not None and known.outcome == outcome:
-                        subject = known.subject
-                    else:
-                        subject = audit_subject(verb, key_id, *outcome)
-                        if known is not None:
-                            known.outcome, known.subject = outcome, subject
+                    said = (verb, key_id, version, result, size_in, len(reply))
+                    subject = subjects.get(said)
+                    if subject is None:
+                        if len(subjects) >= MAX_CACHED_SUBJECTS:
+                            subjects.clear()
+                        subject = subjects[said] = audit_subject(*said)
                     micros = (perf_counter_ns() - began) // 1000
                     trail += (head, subject, audit_tail(micros))
                     if closing:

@@ -152,7 +152,7 @@ def test_one_json_object_per_request_with_the_right_values(audited: Daemon) -> N
 def test_a_repeated_request_line_is_audited_with_its_own_outcome_each_time(
     audited: Daemon,
 ) -> None:
-    """The server keeps a repeated line's parse and audit subject: a new outcome shows anyway."""
+    """The server keeps a repeated line's parse and each audit subject: a new outcome shows."""
     audit = audit_since_now(audited)
     with Conn(audited.socket_path) as conn:
         assert conn.ask(b"GET s/r").startswith(b"ERR NOT_FOUND")
@@ -166,7 +166,11 @@ def test_a_repeated_request_line_is_audited_with_its_own_outcome_each_time(
         assert conn.ask(b"GET s/r\r") == second  # the same line, one byte more on the wire
         conn.sock.sendall(b"GET s/r\nGET s/r\n")  # pipelined
         assert [conn.reply(), conn.reply()] == [second, second]
+        # Payloads of one size: the same subject fields but for the key id and result.
+        for key_id in (b"s/r", b"s/r", b"s/q", b"s/r"):
+            conn.ask(b"ENC " + key_id + b" " + base64.b64encode(os.urandom(64)))
     records = [(r["verb"], r["version"], r["result"], r["bytes_in"]) for r in audit()]
+    assert [r["key_id"] for r in audit()[-4:]] == ["s/r", "s/r", "s/q", "s/r"]
     assert records == [
         ("GET", None, "NOT_FOUND", 8),
         ("CREATE", 1, "OK", 22),
@@ -177,6 +181,10 @@ def test_a_repeated_request_line_is_audited_with_its_own_outcome_each_time(
         ("GET", 2, "OK", 9),
         ("GET", 2, "OK", 8),
         ("GET", 2, "OK", 8),
+        ("ENC", 2, "OK", 97),
+        ("ENC", 2, "OK", 97),
+        ("ENC", None, "NOT_FOUND", 97),
+        ("ENC", 2, "OK", 97),
     ]
 
 
