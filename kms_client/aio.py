@@ -113,6 +113,9 @@ class AsyncClient:
         self._lock = trio.Lock()
         self._stream: trio.SocketStream | None = None
         self._framer = LineFramer(RESPONSE_MAX_LINE)
+        #: Counts :meth:`aclose` calls: a request that sees it change while in flight
+        #: had its connection closed under it and must fail, not reconnect.
+        self._closes = 0
 
     @classmethod
     async def connect(
@@ -145,7 +148,11 @@ class AsyncClient:
 
         Shielded and bounded: closing must finish even while the caller is being
         cancelled, and must not hang on a stuck daemon. We do not wait for the OK.
+        A request another task still has in flight after a second is cut off: it
+        raises :class:`ConnectionFailed` and does not reconnect. The client stays
+        usable; its next request opens a new connection.
         """
+        self._closes += 1
         with trio.CancelScope(shield=True):
             with trio.move_on_after(_CLOSE_TIMEOUT):
                 async with self._lock:
@@ -168,8 +175,9 @@ class AsyncClient:
         """
         line = check_request(request)
         async with self._lock:
+            closes = self._closes
             with trio.move_on_after(self._budget()) as scope:
-                reply = await self._round_trip(request, line)
+                reply = await self._round_trip(request, line, closes)
             if scope.cancelled_caught:
                 raise Timeout()
             try:
@@ -196,6 +204,7 @@ class AsyncClient:
         if not requests:
             return results
         async with self._lock:
+            closes = self._closes
             retried = False
             while True:
                 try:
@@ -203,6 +212,9 @@ class AsyncClient:
                     break
                 except BrokenConnection as broken:
                     pending = requests[len(results) :]
+                    self._check_not_closed(
+                        closes, broken, all(request.repeatable for request in pending)
+                    )
                     if retried or not all(request.repeatable for request in pending):
                         raise ConnectionFailed(
                             f"connection to the key daemon broke after {len(results)} of"
@@ -352,15 +364,25 @@ class AsyncClient:
             self._drop()
             raise
 
-    async def _round_trip(self, request: Request[Any], line: bytes) -> bytes:
+    def _check_not_closed(self, closes: int, broken: BrokenConnection, repeatable: bool) -> None:
+        """Fail a request whose connection :meth:`aclose` closed while it was in flight."""
+        if self._closes != closes:
+            raise ConnectionFailed(
+                "the client was closed while the request was in flight"
+                + ("" if repeatable or not broken.sent else "; it may have been applied")
+            ) from broken
+
+    async def _round_trip(self, request: Request[Any], line: bytes, closes: int) -> bytes:
         try:
             return await self._exchange(line)
         except BrokenConnection as broken:
+            self._check_not_closed(closes, broken, request.repeatable)
             if broken.sent and not request.repeatable:
                 raise connection_broken(request, broken.sent, False) from broken
         try:
             return await self._exchange(line)
         except BrokenConnection as again:
+            self._check_not_closed(closes, again, request.repeatable)
             raise connection_broken(request, again.sent, True) from again
 
     async def _exchange(self, line: bytes) -> bytes:
@@ -418,7 +440,12 @@ class AsyncClient:
                             framer.feed(data)
                             collect_replies(framer, requests, results)
                         expect_idle(framer)
-                    except (BrokenConnection, KmsError, trio.BrokenResourceError) as exc:
+                    except (
+                        BrokenConnection,
+                        KmsError,
+                        trio.BrokenResourceError,
+                        trio.ClosedResourceError,  # aclose() in another task
+                    ) as exc:
                         failure = exc
                         nursery.cancel_scope.cancel()
                 if failure is not None:

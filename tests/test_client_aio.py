@@ -319,3 +319,38 @@ async def test_pipeline_with_huge_replies_does_not_deadlock(short_tmp: Path) -> 
             results = await c.pipeline([Encrypt("k", big) for _ in range(64)])
     assert len(results) == 64
     assert all(r == b"ABC" * (85 << 10) for r in results)
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["call", "pipeline"])
+async def test_aclose_under_a_call_in_flight_fails_that_call_and_never_reconnects(
+    short_tmp: Path, pipelined: bool
+) -> None:
+    """Closing a client another task is waiting on ends that wait with ConnectionFailed.
+
+    The in-flight request must neither reconnect behind the closer's back (leaving
+    an open connection on a closed client) nor escape as a raw ExceptionGroup.
+    """
+    path = str(short_tmp / "s.sock")
+    with ScriptedServer(path, silent) as server:
+        c = AsyncClient(path, timeout=30)
+        failures: list[BaseException] = []
+
+        async def waiting() -> None:
+            try:
+                if pipelined:
+                    await c.pipeline([Ping()] * 3)
+                else:
+                    await c.ping()
+            except Exception as exc:  # the test inspects what escaped
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiting)
+            await trio.sleep(0.2)
+            with trio.fail_after(5):
+                await c.aclose()
+        assert len(failures) == 1
+        assert type(failures[0]) is ConnectionFailed, repr(failures[0])
+        assert "closed" in str(failures[0])
+        assert not c.connected
+        assert server.connections == 1
