@@ -57,7 +57,7 @@ from kms_client.protocol import (
 )
 from kms_server.crypto import random_bytes
 from kms_server.keys import ACTIVE, DESTROYED, RETIRED, KeyVersion, ciphertext_version
-from kms_server.store import KeyState, KeyStore, parse_time
+from kms_server.store import KeyState, KeyStore
 
 log = logging.getLogger("kmsd.dispatch")
 
@@ -276,26 +276,20 @@ class Dispatcher:
         The caller holds the write lock, so a ``CONFIG rotate=off`` acknowledged
         after the key was found due is seen here and wins.
         """
-        if key_id not in self.rotations_due(time.time(), [key_id]):
+        if not self.rotation_due(key_id, time.time()):
             return None
         return await self.respond_write(Rotate(key_id), run_blocking)
 
-    def rotations_due(self, now: float, candidates: list[str] | None = None) -> list[str]:
-        """Keys with a rotation period whose latest version is at least that old."""
+    def rotation_due(self, key_id: str, now: float) -> bool:
+        """True when the key has a rotation period and its latest version is that old."""
         store = self.store
-        due = []
-        for key_id in list(store.rotation) if candidates is None else candidates:
-            period = store.rotation.get(key_id)
-            if period is None:
-                continue
-            try:
-                record = store.record(key_id)
-                created = store.version(key_id, record.latest).created
-            except KmsError:
-                continue
-            if now - parse_time(created) >= period:
-                due.append(key_id)
-        return due
+        period = store.rotation.get(key_id)
+        if period is None:
+            return False
+        try:
+            return now - store.latest_created(key_id) >= period
+        except KmsError:
+            return False
 
     def _exportable(self, key_id: str) -> bool:
         store = self.store

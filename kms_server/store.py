@@ -489,6 +489,9 @@ class KeyStore:
             raise
         #: Keys whose usage counters changed since the last flush.
         self.dirty: set[str] = set()
+        #: When each key's latest version was created (Unix seconds), learned once: the
+        #: periodic rotation check reads it here instead of opening every rotating key.
+        self._latest_created: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"<KeyStore {str(self.directory)!r} cached={len(self._cache)}>"
@@ -615,6 +618,14 @@ class KeyStore:
             raise Retired()
         return opened
 
+    def latest_created(self, key_id: str) -> float:
+        """When the key's latest version was created; the first call opens that version."""
+        created = self._latest_created.get(key_id)
+        if created is None:
+            created = parse_time(self.version(key_id).created)
+            self._latest_created[key_id] = created
+        return created
+
     def exists(self, key_id: str) -> bool:
         return key_id in self._cache or self._scan(key_id) is not None
 
@@ -664,6 +675,7 @@ class KeyStore:
         if opened.version not in record.files:
             record.files = sorted([*record.files, opened.version])
         record.latest = max(record.latest, opened.version)
+        self._latest_created.pop(opened.key_id, None)
         opened.usage = record.usage(opened.version)
         record.opened[opened.version] = opened
         return record

@@ -47,6 +47,7 @@ from kms_server.store import (
     init_store,
     kek_check_value,
     live_generation,
+    parse_time,
     read_metadata,
 )
 
@@ -779,3 +780,42 @@ def test_a_failed_write_leaves_no_file_behind(
     with pytest.raises(OSError, match="No space"):
         write_new_file(tmp_path / "_v1.key", b"sealed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_rotation_check_opens_a_key_once_not_at_every_check(
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every minute the daemon asks which keys are due: after the first time, it reads no
+    file (a store of many rotating keys must not be decrypted on the event loop each
+    minute, evicting the keys in use). A new version is seen at once."""
+    now = [NOW]
+    store = KeyStore(store_dir, kek, clock=lambda: now[0])
+    dispatcher = Dispatcher(store, "test")
+
+    def write(line: bytes) -> bytes:
+        request = parse_request(line)
+        return trio.run(dispatcher.respond_write, request, trio.to_thread.run_sync)[0]
+
+    try:
+        assert write(b"CREATE rot/k rotate=1h") == b"OK 1\n"
+        created = parse_time(NOW)
+        assert not dispatcher.rotation_due("rot/k", created + 3599)
+        assert dispatcher.rotation_due("rot/k", created + 3600)
+        opened: list[tuple[str, int | None]] = []
+        real_version = KeyStore.version
+
+        def counting_version(self: KeyStore, key_id: str, version: int | None = None) -> KeyVersion:
+            opened.append((key_id, version))
+            return real_version(self, key_id, version)
+
+        monkeypatch.setattr(KeyStore, "version", counting_version)
+        for minute in range(10):
+            assert dispatcher.rotation_due("rot/k", created + 3600 + 60 * minute)
+        assert opened == []
+        assert not dispatcher.rotation_due("rot/none", created + 3600)  # no period
+        now[0] = "2026-01-01T02:00:00Z"
+        assert write(b"ROTATE rot/k") == b"OK 2\n"
+        assert not dispatcher.rotation_due("rot/k", created + 7200 + 3599)  # version 2 is new
+        assert dispatcher.rotation_due("rot/k", created + 7200 + 3600)
+    finally:
+        store.close()
