@@ -198,8 +198,7 @@ class AsyncClient:
         receiving loop run concurrently, so large replies cannot deadlock, and
         ``timeout`` bounds each wait for progress rather than the whole batch.
         """
-        for request in requests:
-            check_request(request)
+        lines = [check_request(request) for request in requests]  # each encoded once
         results: list[Any] = []
         if not requests:
             return results
@@ -208,7 +207,7 @@ class AsyncClient:
             retried = False
             while True:
                 try:
-                    await self._pipeline_attempt(requests, results)
+                    await self._pipeline_attempt(requests, lines, results)
                     break
                 except BrokenConnection as broken:
                     pending = requests[len(results) :]
@@ -404,7 +403,9 @@ class AsyncClient:
             framer.feed(data)
         return line
 
-    async def _pipeline_attempt(self, requests: Sequence[Request[Any]], results: list[Any]) -> None:
+    async def _pipeline_attempt(
+        self, requests: Sequence[Request[Any]], lines: Sequence[bytes], results: list[Any]
+    ) -> None:
         """Send ``requests[len(results):]`` and append their replies to ``results``.
 
         The nursery's body only records a failure and cancels: an exception
@@ -420,8 +421,7 @@ class AsyncClient:
             async def send_batches() -> None:
                 try:
                     for start in range(len(results), len(requests), PIPELINE_BATCH):
-                        batch = requests[start : start + PIPELINE_BATCH]
-                        await stream.send_all(b"".join(request.to_line() for request in batch))
+                        await stream.send_all(b"".join(lines[start : start + PIPELINE_BATCH]))
                         progress.deadline = trio.current_time() + budget
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     # Replies to what did arrive may still be buffered; the

@@ -258,8 +258,7 @@ class Client:
         replies outgrow the socket buffers cannot deadlock. ``timeout`` here bounds
         each wait for progress, not the whole batch.
         """
-        for request in requests:
-            check_request(request)
+        lines = [check_request(request) for request in requests]  # each encoded once
         results: list[Any] = []
         if not requests:
             return results
@@ -267,7 +266,7 @@ class Client:
             retried = False
             while True:
                 try:
-                    self._pipeline_attempt(requests, results)
+                    self._pipeline_attempt(requests, lines, results)
                     break
                 except BrokenConnection as broken:
                     pending = requests[len(results) :]
@@ -492,14 +491,16 @@ class Client:
             framer.feed(data)
         return line
 
-    def _pipeline_attempt(self, requests: Sequence[Request[Any]], results: list[Any]) -> None:
+    def _pipeline_attempt(
+        self, requests: Sequence[Request[Any]], lines: Sequence[bytes], results: list[Any]
+    ) -> None:
         """Send ``requests[len(results):]`` and append their replies to ``results``.
 
         Raises :class:`BrokenConnection` (connection dropped) so the caller may retry the
         unanswered tail on a new connection.
         """
         sock = self._connection(self._deadline())
-        pump = _Pump(sock, self._framer, requests, results)
+        pump = _Pump(sock, self._framer, requests, lines, results)
         with self._guard(sent=True), selectors.DefaultSelector() as selector:
             # Non-blocking: a blocking AF_UNIX send() waits until *all* bytes are
             # queued, which is exactly the deadlock the selector is here to avoid.
@@ -530,11 +531,13 @@ class _Pump:
         sock: socket.socket,
         framer: LineFramer,
         requests: Sequence[Request[Any]],
+        lines: Sequence[bytes],
         results: list[Any],
     ) -> None:
         self.sock = sock
         self.framer = framer
         self.requests = requests
+        self.lines = lines
         self.results = results
         self.next_send = len(results)
         self.outgoing = memoryview(b"")
@@ -546,8 +549,8 @@ class _Pump:
     def wants_write(self) -> bool:
         """Encode the next batch when the previous one has left; True while bytes wait."""
         if not self.outgoing and self.next_send < len(self.requests):
-            batch = self.requests[self.next_send : self.next_send + PIPELINE_BATCH]
-            self.outgoing = memoryview(b"".join(request.to_line() for request in batch))
+            batch = self.lines[self.next_send : self.next_send + PIPELINE_BATCH]
+            self.outgoing = memoryview(b"".join(batch))
             self.next_send += len(batch)
         return bool(self.outgoing)
 

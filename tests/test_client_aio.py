@@ -215,14 +215,25 @@ async def test_concurrent_tasks_share_one_client(client: AsyncClient) -> None:
             nursery.start_soon(work, worker)
 
 
-async def test_pipeline_of_ten_thousand(client: AsyncClient) -> None:
+async def test_pipeline_of_ten_thousand(
+    client: AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await client.create("bulk")
+    encoded: list[Encrypt] = []
+    to_line = Encrypt.to_line
+
+    def counting_to_line(self: Encrypt) -> bytes:
+        encoded.append(self)
+        return to_line(self)
+
+    monkeypatch.setattr(Encrypt, "to_line", counting_to_line)
     requests: list[Request[Any]] = [
         Get(f"missing-{i}") if i % 100 == 99 else Encrypt("bulk", i.to_bytes(4, "big"))
         for i in range(10_000)
     ]
     results = await client.pipeline(requests)
     assert len(results) == 10_000
+    assert len(encoded) == 9_900  # each payload base64-encoded once, not checked and sent
     assert all(isinstance(results[i], KeyNotFound) for i in range(99, 10_000, 100))
     sample = range(0, 10_000, 41)
     opened = await client.pipeline([Decrypt("bulk", results[i]) for i in sample if i % 100 != 99])

@@ -195,8 +195,16 @@ def test_one_client_shared_by_threads(client: Client) -> None:
     assert failures == []
 
 
-def test_pipeline_of_ten_thousand(client: Client) -> None:
+def test_pipeline_of_ten_thousand(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     client.create("bulk")
+    encoded: list[Encrypt] = []
+    to_line = Encrypt.to_line
+
+    def counting_to_line(self: Encrypt) -> bytes:
+        encoded.append(self)
+        return to_line(self)
+
+    monkeypatch.setattr(Encrypt, "to_line", counting_to_line)
     requests: list[Request[Any]] = []
     for i in range(10_000):
         if i % 100 == 99:
@@ -205,6 +213,7 @@ def test_pipeline_of_ten_thousand(client: Client) -> None:
             requests.append(Encrypt("bulk", i.to_bytes(4, "big")))
     results = client.pipeline(requests)
     assert len(results) == 10_000
+    assert len(encoded) == 9_900  # each payload base64-encoded once, not checked and sent
     for i in (99, 199, 9_999):
         assert isinstance(results[i], KeyNotFound)
     sample = [i for i in range(0, 10_000, 37) if i % 100 != 99]
