@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from kms_client.protocol import Encrypt
 from kms_server.crypto import random_bytes
 from kms_server.kek import KekFile
 from kms_server.store import init_store
@@ -188,3 +189,17 @@ def daemon(short_tmp: Path) -> Iterator[Daemon]:
 def daemon_env(daemon: Daemon) -> dict[str, str]:
     """Environment for `kms` CLI subprocesses: KMS_SOCKET points at the daemon."""
     return daemon.env()
+
+
+@pytest.fixture
+def encoded(monkeypatch: pytest.MonkeyPatch) -> list[Encrypt]:
+    """Every ``ENC`` request a client encodes into a line, once per encoding."""
+    requests: list[Encrypt] = []
+    to_line = Encrypt.to_line
+
+    def counting_to_line(self: Encrypt) -> bytes:
+        requests.append(self)
+        return to_line(self)
+
+    monkeypatch.setattr(Encrypt, "to_line", counting_to_line)
+    return requests

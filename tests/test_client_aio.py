@@ -215,18 +215,8 @@ async def test_concurrent_tasks_share_one_client(client: AsyncClient) -> None:
             nursery.start_soon(work, worker)
 
 
-async def test_pipeline_of_ten_thousand(
-    client: AsyncClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_pipeline_of_ten_thousand(client: AsyncClient, encoded: list[Encrypt]) -> None:
     await client.create("bulk")
-    encoded: list[Encrypt] = []
-    to_line = Encrypt.to_line
-
-    def counting_to_line(self: Encrypt) -> bytes:
-        encoded.append(self)
-        return to_line(self)
-
-    monkeypatch.setattr(Encrypt, "to_line", counting_to_line)
     requests: list[Request[Any]] = [
         Get(f"missing-{i}") if i % 100 == 99 else Encrypt("bulk", i.to_bytes(4, "big"))
         for i in range(10_000)

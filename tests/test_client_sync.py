@@ -195,16 +195,8 @@ def test_one_client_shared_by_threads(client: Client) -> None:
     assert failures == []
 
 
-def test_pipeline_of_ten_thousand(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pipeline_of_ten_thousand(client: Client, encoded: list[Encrypt]) -> None:
     client.create("bulk")
-    encoded: list[Encrypt] = []
-    to_line = Encrypt.to_line
-
-    def counting_to_line(self: Encrypt) -> bytes:
-        encoded.append(self)
-        return to_line(self)
-
-    monkeypatch.setattr(Encrypt, "to_line", counting_to_line)
     requests: list[Request[Any]] = []
     for i in range(10_000):
         if i % 100 == 99:
