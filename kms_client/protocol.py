@@ -573,8 +573,9 @@ class Encrypt(Request[bytes]):
 
 
 @dataclass(slots=True)
-class Decrypt(Request[bytes]):
-    verb: ClassVar[str] = "DEC"
+class _CiphertextCommand(Request[bytes]):
+    """``<VERB> <key-id> <base64 ciphertext> [<base64 aad>]``, answered with one value."""
+
     key_id: str
     ciphertext: bytes
     aad: bytes = field(default=b"", repr=False)
@@ -584,6 +585,11 @@ class Decrypt(Request[bytes]):
 
     def parse_reply(self, ok: Ok) -> bytes:
         return _single_b64_reply(ok)
+
+
+@dataclass(slots=True)
+class Decrypt(_CiphertextCommand):
+    verb: ClassVar[str] = "DEC"
 
 
 @dataclass(slots=True)
@@ -604,19 +610,10 @@ class GenerateDataKey(Request[DataKey]):
 
 
 @dataclass(slots=True)
-class Rewrap(Request[bytes]):
+class Rewrap(_CiphertextCommand):
     """Re-encrypt a ciphertext under the key's latest version, inside the daemon."""
 
     verb: ClassVar[str] = "REWRAP"
-    key_id: str
-    ciphertext: bytes
-    aad: bytes = field(default=b"", repr=False)
-
-    def arguments(self) -> list[bytes]:
-        return _data_arguments(self.key_id, self.ciphertext, self.aad)
-
-    def parse_reply(self, ok: Ok) -> bytes:
-        return _single_b64_reply(ok)
 
 
 @dataclass(slots=True)
