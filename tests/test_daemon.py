@@ -17,12 +17,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
 from kms_server.crypto import random_bytes
 from tests.conftest import KMSD, Daemon, make_store
+from tests.users import Conn, ask, b64
 
 CODES = {
     b"BAD_REQUEST",
@@ -37,74 +37,6 @@ CODES = {
     b"UNAVAILABLE",
     b"INTERNAL",
 }
-
-
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
-
-
-class LineConn:
-    """A raw protocol connection: send bytes, read whole lines (without LF)."""
-
-    def __init__(self, socket_path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(socket_path)
-        self._buffer = bytearray()
-
-    def __enter__(self) -> LineConn:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def read_line(self) -> bytes:
-        """The next line; EOFError when the daemon closed at a line boundary."""
-        while (newline := self._buffer.find(b"\n")) < 0:
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                assert not self._buffer, f"connection closed inside a line: {bytes(self._buffer)!r}"
-                raise EOFError
-            self._buffer += chunk
-        line = bytes(self._buffer[:newline])
-        del self._buffer[: newline + 1]
-        return line
-
-    def ask(self, line: bytes) -> bytes:
-        self.send(line + b"\n")
-        return self.read_line()
-
-    def read_until_closed(self) -> bytes:
-        """Everything left until EOF (or a reset, which Linux gives when we sent unread data)."""
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        while True:
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                return data
-            if not chunk:
-                return data
-            data += chunk
-
-
-def ask(socket_path: str, line: bytes) -> bytes:
-    with LineConn(socket_path) as conn:
-        return conn.ask(line)
 
 
 def ok(reply: bytes) -> list[bytes]:
@@ -123,7 +55,7 @@ def pipeline(socket_path: str, lines: list[bytes], timeout: float = 30.0) -> lis
     """Send every line in ONE write from a thread while this thread reads every reply."""
     payload = b"".join(line + b"\n" for line in lines)
     errors: list[BaseException] = []
-    with LineConn(socket_path, timeout) as conn:
+    with Conn(socket_path, timeout) as conn:
 
         def write() -> None:
             try:
@@ -134,7 +66,7 @@ def pipeline(socket_path: str, lines: list[bytes], timeout: float = 30.0) -> lis
         writer = threading.Thread(target=write)
         writer.start()
         try:
-            replies = [conn.read_line() for _ in lines]
+            replies = [conn.reply() for _ in lines]
         finally:
             writer.join(timeout)
     assert not errors
@@ -320,7 +252,7 @@ def rotate_until_killed(
 ) -> None:
     """ROTATE, then ENC under the new version, until the daemon dies."""
     try:
-        with LineConn(socket_path) as conn:
+        with Conn(socket_path) as conn:
             while True:
                 version = int(ok(conn.ask(b"ROTATE crash"))[0])
                 acknowledged.append(version)
@@ -382,7 +314,7 @@ def test_create_and_rotate_write_private_version_files(shared_daemon: Daemon) ->
 
 def test_acknowledged_create_and_rotate_survive_sigkill(daemon: Daemon) -> None:
     path = daemon.socket_path
-    with LineConn(path) as conn:
+    with Conn(path) as conn:
         assert conn.ask(b"CREATE durable exportable") == b"OK 1"
         assert conn.ask(b"ROTATE durable") == b"OK 2"
         ciphertext = ok(conn.ask(b"ENC durable " + b64(b"kept")))[0]
@@ -452,10 +384,10 @@ def test_hostile_line_gets_err_and_the_connection_stays_usable(
 ) -> None:
     assert shared_daemon.process is not None
     assert shared_daemon.process.poll() is None
-    with LineConn(shared_daemon.socket_path) as conn:
+    with Conn(shared_daemon.socket_path) as conn:
         conn.send(line + b"\n" + b"PING\n")
-        assert code(conn.read_line()) == expected
-        assert conn.read_line() == b"OK PONG"
+        assert code(conn.reply()) == expected
+        assert conn.reply() == b"OK PONG"
         assert conn.ask(b"HELLO").startswith(b"OK KMS/1 ")
 
 
@@ -468,7 +400,7 @@ def test_all_hostile_lines_pipelined(shared_daemon: Daemon) -> None:
 
 def huge_line_is_refused(socket_path: str, line: bytes) -> None:
     """Send ``line`` from a thread; expect ERR TOO_LONG, then the daemon closes."""
-    with LineConn(socket_path) as conn:
+    with Conn(socket_path) as conn:
 
         def write() -> None:
             with contextlib.suppress(OSError):  # the daemon closes while we still send
@@ -477,7 +409,7 @@ def huge_line_is_refused(socket_path: str, line: bytes) -> None:
         writer = threading.Thread(target=write)
         writer.start()
         try:
-            assert code(conn.read_line()) == b"TOO_LONG"
+            assert code(conn.reply()) == b"TOO_LONG"
             started = time.monotonic()
             conn.read_until_closed()
             assert time.monotonic() - started < 5.0
@@ -499,7 +431,7 @@ def test_small_max_line_boundary(start_daemon: Callable[..., Daemon]) -> None:
     path = daemon.socket_path
     at_limit = b"CREATE " + b"k" * 93
     assert len(at_limit) == 100
-    with LineConn(path) as conn:
+    with Conn(path) as conn:
         assert conn.ask(at_limit) == b"OK 1"
         assert code(conn.ask(b"GET " + b"k" * 96)) == b"NOT_FOUND"
         assert code(conn.ask(b"GET " + b"k" * 96 + b"\r")) == b"NOT_FOUND"  # CR not counted
@@ -514,17 +446,17 @@ def test_vanishing_clients_do_not_disturb_others(shared_daemon: Daemon) -> None:
     daemon = shared_daemon
     path = daemon.socket_path
     assert ask(path, b"CREATE steady") == b"OK 1"
-    with LineConn(path) as steady:
+    with Conn(path) as steady:
         assert steady.ask(b"PING") == b"OK PONG"
         for half in (b"ENC steady QUJD", b"CREATE ghost", b"DEC steady ", b"\xff\x00"):
-            with LineConn(path) as ghost:
+            with Conn(path) as ghost:
                 ghost.send(half)
             assert steady.ask(b"PING") == b"OK PONG"
         # A client that pipelines thousands of requests and leaves without reading.
-        with LineConn(path) as rude:
+        with Conn(path) as rude:
             rude.send(b"ENC steady QUJD\n" * 5000)
         # A client that floods without reading stalls only itself.
-        stalled = LineConn(path)
+        stalled = Conn(path)
         try:
             stalled.sock.setblocking(False)
             try:
@@ -602,7 +534,7 @@ def test_socket_mode(shared_daemon: Daemon, start_daemon: Callable[..., Daemon])
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_exits_0_and_removes_the_socket(daemon: Daemon, sig: signal.Signals) -> None:
-    with LineConn(daemon.socket_path) as idle:
+    with Conn(daemon.socket_path) as idle:
         assert idle.ask(b"PING") == b"OK PONG"
         assert wait_exit_after(daemon, sig) == 0
         assert idle.read_until_closed() == b""
@@ -610,12 +542,12 @@ def test_signal_exits_0_and_removes_the_socket(daemon: Daemon, sig: signal.Signa
 
 
 def test_request_in_flight_at_sigterm_is_answered(daemon: Daemon) -> None:
-    with LineConn(daemon.socket_path) as conn:
+    with Conn(daemon.socket_path) as conn:
         assert conn.ask(b"PING") == b"OK PONG"
         conn.send(b"CREATE inflight\n")
         assert daemon.process is not None
         daemon.process.send_signal(signal.SIGTERM)
-        assert conn.read_line() == b"OK 1"
+        assert conn.reply() == b"OK 1"
         assert conn.read_until_closed() == b""
     assert wait_exit(daemon) == 0
     daemon.start()
@@ -631,7 +563,7 @@ def test_pipelined_requests_at_sigterm_end_at_a_request_boundary(
     assert ask(path, b"CREATE drain") == b"OK 1"
     count = 30_000
     lines = [b"ENC drain " + b64(index.to_bytes(4, "big")) + b"\n" for index in range(count)]
-    with LineConn(path) as conn:
+    with Conn(path) as conn:
         assert conn.ask(b"PING") == b"OK PONG"
 
         def write() -> None:
@@ -670,11 +602,11 @@ def test_pipelined_requests_at_sigterm_end_at_a_request_boundary(
 def test_max_connections(start_daemon: Callable[..., Daemon]) -> None:
     daemon = start_daemon("--max-connections", "3")
     path = daemon.socket_path
-    first = [LineConn(path) for _ in range(3)]
+    first = [Conn(path) for _ in range(3)]
     try:
         for conn in first:
             assert conn.ask(b"PING") == b"OK PONG"
-        with LineConn(path) as fourth:
+        with Conn(path) as fourth:
             assert fourth.read_until_closed() == b"ERR UNAVAILABLE too many connections\n"
         for conn in first:
             assert conn.ask(b"PING") == b"OK PONG"
@@ -693,7 +625,7 @@ def test_max_connections(start_daemon: Callable[..., Daemon]) -> None:
 
 def test_idle_connection_is_closed(start_daemon: Callable[..., Daemon]) -> None:
     daemon = start_daemon("--idle-timeout", "1")
-    with LineConn(daemon.socket_path) as conn:
+    with Conn(daemon.socket_path) as conn:
         for _ in range(3):  # busy for longer than the timeout, never idle for that long
             assert conn.ask(b"PING") == b"OK PONG"
             time.sleep(0.4)
@@ -707,7 +639,7 @@ def test_idle_connection_is_closed(start_daemon: Callable[..., Daemon]) -> None:
 def test_slow_client_is_cut_off_even_while_sending(start_daemon: Callable[..., Daemon]) -> None:
     daemon = start_daemon("--idle-timeout", "1")
     stop = threading.Event()
-    with LineConn(daemon.socket_path) as conn:
+    with Conn(daemon.socket_path) as conn:
 
         def trickle() -> None:
             try:
@@ -730,9 +662,9 @@ def test_slow_client_is_cut_off_even_while_sending(start_daemon: Callable[..., D
     assert ask(daemon.socket_path, b"PING") == b"OK PONG"
 
 
-def flood_without_reading(socket_path: str) -> LineConn:
+def flood_without_reading(socket_path: str) -> Conn:
     """A client that pipelines until its socket is full and never reads a reply."""
-    conn = LineConn(socket_path)
+    conn = Conn(socket_path)
     conn.sock.setblocking(False)
     try:
         for _ in range(10_000):
@@ -745,7 +677,7 @@ def flood_without_reading(socket_path: str) -> LineConn:
 def first_reply(socket_path: str) -> bytes:
     """The reply to one PING on a new connection, or b"" if the daemon closed it first."""
     try:
-        with LineConn(socket_path, timeout=5) as conn:
+        with Conn(socket_path, timeout=5) as conn:
             return conn.ask(b"PING")
     except (EOFError, ConnectionError):
         return b""

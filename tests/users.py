@@ -59,7 +59,14 @@ class Conn:
         value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        """Send raw bytes: partial lines, many lines, anything."""
+        self.sock.sendall(data)
 
     def ask(self, line: bytes) -> bytes:
         """Send one request line; return its reply line without the LF."""
@@ -67,15 +74,36 @@ class Conn:
         return self.reply()
 
     def reply(self) -> bytes:
-        """The next reply line without its LF (after pipelined requests, one per call)."""
+        """The next reply line without its LF (after pipelined requests, one per call).
+
+        EOFError when the daemon closed the connection between lines; closing inside
+        a line fails the test.
+        """
         while (newline := self._buffer.find(b"\n")) < 0:
-            chunk = self.sock.recv(65536)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
             if not chunk:
+                assert not self._buffer, f"connection closed inside a line: {bytes(self._buffer)!r}"
                 raise EOFError("the daemon closed the connection")
             self._buffer += chunk
         reply = bytes(self._buffer[:newline])
         del self._buffer[: newline + 1]
         return reply
+
+    def read_until_closed(self) -> bytes:
+        """Everything left until EOF (or a reset, which Linux gives when we sent unread data)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
 
 
 def ask(socket_path: str | Path, line: bytes) -> bytes:
