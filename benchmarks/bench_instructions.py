@@ -11,6 +11,10 @@ none; the difference over N is the cost of one request, start-up cancelled out:
 * ``pipe ENC 64 B``: kmsd, ``ENC`` of 64 bytes, 64 requests per write;
 * ``local ENC 64 B``: ``KeyVersion.encrypt`` in a loop, in process.
 
+kmsd runs as ``kmsd serve`` through this script, with its batches never cut into
+2 ms slices, which under callgrind would come every few requests (see
+:func:`serve_kmsd_unsliced`).
+
 It prints the counts and the two ratios that mirror the time aims of
 ``bench_kmsd.py`` (``seq echo / seq GET`` against 0.8, ``local ENC / pipe ENC``
 against 0.5). Only user-space instructions are counted: the kernel's share of a
@@ -117,6 +121,24 @@ def pipelined(line: bytes) -> Callable[[socket.socket, int], None]:
     return drive
 
 
+UNSLICED = "--serve-kmsd-unsliced"
+
+
+def serve_kmsd_unsliced(argv: list[str]) -> int:
+    """Run ``kmsd`` (``argv`` as its command line) in this process, batches never sliced.
+
+    A long batch lets other connections run every ``SLICE_NS`` (2 ms). Under
+    callgrind, 2 ms is a few requests, so the daemon would yield and write its audit
+    lines every few requests of a pipelined batch instead of about once per batch as
+    at full speed, which added ~17,000 instructions to each pipelined ``ENC``.
+    """
+    from kms_server import cli, server  # noqa: PLC0415 - from the measured source tree
+
+    server.SLICE_NS = 1 << 62
+    cli.main(argv, prog_name="kmsd")
+    return 0
+
+
 def served(
     source: Path,
     kmsd: bool,
@@ -133,15 +155,24 @@ def served(
         kek.write_text(os.urandom(32).hex() + "\n")
         kek.chmod(0o600)
         store = run / "store"
-        python = [sys.executable, "-m", "kms_server"]
         subprocess.run(
-            [*python, "init", "--store", str(store), "--kek-file", str(kek)],
+            [
+                sys.executable,
+                "-m",
+                "kms_server",
+                "init",
+                "--store",
+                str(store),
+                "--kek-file",
+                str(kek),
+            ],
             cwd=source,
             env=environment(source),
             check=True,
             capture_output=True,
         )
-        command = [*python, "serve", "--store", str(store), "--socket", str(sock)]
+        command = [sys.executable, str(Path(__file__).resolve()), UNSLICED, "serve"]
+        command += ["--store", str(store), "--socket", str(sock)]
         command += ["--kek-file", str(kek), "--audit-log", str(run / "audit.log")]
     else:
         command = [sys.executable, str(BENCH_KMSD), "--serve-echo", str(sock)]
@@ -205,6 +236,8 @@ def measure_tree(source: Path, requests: int, work: Path) -> dict[str, float]:
 
 
 def main() -> int:
+    if sys.argv[1:2] == [UNSLICED]:
+        return serve_kmsd_unsliced(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2048, help="requests per subject (2048)")
     parser.add_argument("--source", type=Path, default=ROOT, help="kmsd source tree")
