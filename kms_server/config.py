@@ -35,12 +35,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kms_client.protocol import DEFAULT_MAX_LINE
 from kms_server.kek import DEFAULT_COMMAND_TIMEOUT, KekFile, KekSource, PassphraseCommand
 from kms_server.server import Limits
 from kms_server.transit import DEFAULT_START_TIMEOUT, TransitSource
 
 DEFAULT_SOCKET = Path("/run/kms/kms.sock")
+#: The limits' defaults live in :class:`Limits`; settings start from them.
+_LIMITS = Limits()
 
 
 class ConfigError(Exception):
@@ -55,14 +56,14 @@ class Settings:
     kek_file: Path | None = None
     passphrase_command: str | None = field(default=None, repr=False)  # may hold a passphrase
     passphrase_timeout: float = DEFAULT_COMMAND_TIMEOUT
-    max_line: int = DEFAULT_MAX_LINE
-    max_connections: int = 1024
-    idle_timeout: float = 300.0
-    grace_period: float = 10.0
+    max_line: int = _LIMITS.max_line
+    max_connections: int = _LIMITS.max_connections
+    idle_timeout: float = _LIMITS.idle_timeout
+    grace_period: float = _LIMITS.grace_period
     acl: Path | None = None
     audit_log: Path | None = None
-    counter_flush_interval: float = 5.0
-    rotation_check_interval: float = 60.0
+    counter_flush_interval: float = _LIMITS.counter_flush_interval
+    rotation_check_interval: float = _LIMITS.rotation_check_interval
     kek_transit: tuple[str, ...] | None = None
     transit_key: str | None = None
     transit_mount: str | None = None
