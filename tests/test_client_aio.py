@@ -2,6 +2,7 @@
 # plus what only trio has (concurrent tasks on one client, cancellation mid-exchange).
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from pathlib import Path
@@ -332,7 +333,12 @@ async def test_aclose_under_a_call_in_flight_fails_that_call_and_never_reconnect
     an open connection on a closed client) nor escape as a raw ExceptionGroup.
     """
     path = str(short_tmp / "s.sock")
-    with ScriptedServer(path, silent) as server:
+
+    def silent_then_pong(conn: socket.socket, index: int) -> None:
+        handler = silent if index == 0 else reply_with(lambda line: b"OK PONG\n")
+        handler(conn, index)
+
+    with ScriptedServer(path, silent_then_pong) as server:
         c = AsyncClient(path, timeout=30)
         failures: list[BaseException] = []
 
@@ -355,3 +361,7 @@ async def test_aclose_under_a_call_in_flight_fails_that_call_and_never_reconnect
         assert "closed" in str(failures[0])
         assert not c.connected
         assert server.connections == 1
+        with trio.fail_after(5):
+            await c.ping()  # the client stays usable: a new connection
+        assert server.connections == 2
+        await c.aclose()
