@@ -335,27 +335,9 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-_PATH_SETTINGS = (
-    "store",
-    "socket_path",
-    "kek_file",
-    "acl",
-    "audit_log",
-    "transit_token_file",
-    "transit_role_id_file",
-    "transit_secret_id_file",
-    "transit_ca",
-)
-
-
 def settings_from(config_file: Path | None, options: dict[str, Any]) -> Settings:
     """Merge the TOML file and the flags (which win) into validated settings."""
-    overrides = {
-        ("socket" if name == "socket_path" else name): (
-            str(value) if name in _PATH_SETTINGS and value is not None else value
-        )
-        for name, value in options.items()
-    }
+    overrides = {("socket" if name == "socket_path" else name): v for name, v in options.items()}
     return load(config_file, overrides)
 
 

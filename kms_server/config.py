@@ -170,8 +170,8 @@ def _urls(value: object) -> tuple[str, ...]:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    if name in _PATHS:
-        if not isinstance(value, str) or not value:
+    if name in _PATHS:  # text from the file, a Path from a flag
+        if not isinstance(value, str | Path) or not str(value):
             raise ConfigError(f"{name} must be a non-empty path")
         return Path(value)
     if name == "socket_mode":
