@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_kmsd import pipelined, reply_size, sequential  # noqa: E402
+from bench_kmsd import cpu_seconds, pipelined, reply_size, sequential  # noqa: E402
 
 from tests import openbao  # noqa: E402
 from tests.conftest import Daemon, exchange, make_store  # noqa: E402
@@ -56,16 +56,6 @@ from tests.conftest import Daemon, exchange, make_store  # noqa: E402
 KEY = "bench"
 BATCH = 256
 WINDOW, CHUNK = 256, 64
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 @dataclass

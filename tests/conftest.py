@@ -139,6 +139,13 @@ class Daemon:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def discard(self) -> None:
+        """Teardown after a test that may have failed: kill any process left running."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -177,12 +184,11 @@ def daemon(short_tmp: Path) -> Iterator[Daemon]:
     try:
         yield running
     finally:
-        if running.process is not None:
-            try:
+        try:
+            if running.process is not None:
                 running.stop()
-            finally:
-                if running.process is not None:
-                    running.process.kill()
+        finally:
+            running.discard()
 
 
 @pytest.fixture

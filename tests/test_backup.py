@@ -50,9 +50,7 @@ def stopped(short_tmp: Path) -> Iterator[Daemon]:
     try:
         yield daemon
     finally:
-        if daemon.process is not None:
-            daemon.process.kill()
-            daemon.process.wait()
+        daemon.discard()
 
 
 def get(conn: Conn, key_id: str, version: int) -> bytes:

@@ -272,12 +272,11 @@ def running(root: Path, *extra_args: str) -> Iterator[Daemon]:
     try:
         yield started
     finally:
-        if started.process is not None:
-            try:
+        try:
+            if started.process is not None:
                 started.stop()
-            finally:
-                if started.process is not None:
-                    started.process.kill()
+        finally:
+            started.discard()
 
 
 def states(client: Client, key_id: str) -> list[str]:

@@ -101,9 +101,7 @@ def start_daemon(short_tmp: Path) -> Iterator[Callable[..., Daemon]]:
 
     yield start
     for daemon in started:
-        if daemon.process is not None:
-            daemon.process.kill()
-            daemon.process.wait()
+        daemon.discard()
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +113,7 @@ def shared_daemon() -> Iterator[Daemon]:
     try:
         yield running
     finally:
-        if running.process is not None:
-            running.process.kill()
-            running.process.wait()
+        running.discard()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -160,9 +160,7 @@ def target() -> Iterator[Target]:
             ),
         )
     finally:
-        if daemon.process is not None:
-            daemon.process.kill()
-            daemon.process.wait()
+        daemon.discard()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -251,9 +251,7 @@ def fresh(short_tmp: Path) -> Iterator[KekDaemon]:
     try:
         yield daemon
     finally:
-        if daemon.process is not None:
-            daemon.process.kill()
-            daemon.process.wait()
+        daemon.discard()
 
 
 @pytest.fixture

@@ -171,6 +171,16 @@ def test_a_transit_name_that_would_leave_its_url_path_is_refused(
         TransitSource(["http://127.0.0.1:1"], token_file=token_file, namespace=name)
 
 
+#: A well-formed description of a root wrapped by Transit, for servers never reached.
+UNREACHED_DESCRIPTION = {
+    "kind": "transit",
+    "mount": "transit",
+    "key": "k",
+    "ciphertext": "vault:v1:AAAA",
+    "binding": "context:store-id",
+}
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -182,21 +192,14 @@ def test_a_transit_name_that_would_leave_its_url_path_is_refused(
     ],
 )
 def test_damaged_description_refused(damage: dict[str, Any], token_file: Path) -> None:
-    description = {
-        "kind": "transit",
-        "mount": "transit",
-        "key": "k",
-        "ciphertext": "vault:v1:AAAA",
-        "binding": "context:store-id",
-    }
     transit = TransitSource(["http://127.0.0.1:1"], token_file=token_file, start_timeout=0)
     # The damage is refused before any call: the undamaged description gets as far as
     # the (unreachable) server, the damaged one does not.
     with pytest.raises(KekError) as undamaged:
-        transit.obtain(description, "store")
+        transit.obtain(UNREACHED_DESCRIPTION, "store")
     assert "damaged" not in str(undamaged.value)
     with pytest.raises(KekError, match="damaged or unsupported Transit description"):
-        transit.obtain(description | damage, "store")
+        transit.obtain(UNREACHED_DESCRIPTION | damage, "store")
 
 
 def test_backoff_is_exponential_and_bounded(token_file: Path) -> None:
@@ -214,15 +217,8 @@ def test_backoff_is_exponential_and_bounded(token_file: Path) -> None:
         transit = TransitSource(
             [url], token_file=token_file, start_timeout=20, clock=lambda: clock[0], sleep=sleep
         )
-        description = {
-            "kind": "transit",
-            "mount": "transit",
-            "key": "k",
-            "ciphertext": "vault:v1:AAAA",
-            "binding": "context:store-id",
-        }
         with pytest.raises(KekError):
-            transit.obtain(description, "store")
+            transit.obtain(UNREACHED_DESCRIPTION, "store")
     assert sleeps[:5] == [FIRST_BACKOFF * 2**n for n in range(5)]
     assert max(sleeps) == MAX_BACKOFF
     assert sum(sleeps) <= 20

@@ -364,8 +364,7 @@ class DaemonPool:
                 if daemon.process is not None:
                     codes.append(daemon.stop())
             finally:
-                if daemon.process is not None:
-                    daemon.process.kill()
+                daemon.discard()
                 shutil.rmtree(daemon.root.parent, ignore_errors=True)
         return codes
 

@@ -134,14 +134,11 @@ def running(daemon: Daemon) -> Iterator[Daemon]:
     try:
         yield daemon
     finally:
-        if daemon.process is not None:
-            try:
+        try:
+            if daemon.process is not None:
                 daemon.stop()
-            finally:
-                if daemon.process is not None:
-                    daemon.process.kill()
-                    daemon.process.wait()
-                    daemon.process = None
+        finally:
+            daemon.discard()
 
 
 def audit_lines(path: Path) -> list[dict[str, object]]:
