@@ -110,6 +110,9 @@ class Daemon:
     def log(self) -> Path:
         return self.root / "kmsd.log"
 
+    def kek_arguments(self) -> list[str]:
+        return ["--kek-file", str(self.kek_file)]
+
     def command(self) -> list[str]:
         return [
             *KMSD,
@@ -118,8 +121,7 @@ class Daemon:
             str(self.store),
             "--socket",
             self.socket_path,
-            "--kek-file",
-            str(self.kek_file),
+            *self.kek_arguments(),
             *self.extra_args,
         ]
 

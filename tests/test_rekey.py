@@ -84,18 +84,8 @@ class KekDaemon(Daemon):
 
     source: Path | str | None = None
 
-    def command(self) -> list[str]:
-        source = self.source if self.source is not None else self.kek_file
-        return [
-            *KMSD,
-            "serve",
-            "--store",
-            str(self.store),
-            "--socket",
-            self.socket_path,
-            *kek_args(source),
-            *self.extra_args,
-        ]
+    def kek_arguments(self) -> list[str]:
+        return kek_args(self.source if self.source is not None else self.kek_file)
 
 
 def new_daemon(root: Path) -> KekDaemon:
