@@ -169,17 +169,17 @@ class Dispatcher:
         self.store.dirty.add(key.key_id)
 
     def _info(self, key_id: str) -> str:
+        """The INFO document. It opens at most the latest version (for ``exportable``):
+        the rest comes from the key's state, so a key with thousands of versions does
+        not hold up the event loop or flood the cache with versions nobody uses."""
         store = self.store
         record = store.record(key_id)
         versions = []
-        exportable = False
         for number in record.versions:
             usage = record.usage(number)
             entry: dict[str, Any] = {"version": number, "state": usage.state}
             if usage.state != DESTROYED:
-                opened = store.version(key_id, number)
-                entry["created"] = opened.created
-                exportable = opened.exportable
+                entry["created"] = store.created(key_id, number)
             entry |= {
                 "encryptions": usage.encryptions,
                 "decryptions": usage.decryptions,
@@ -189,7 +189,7 @@ class Dispatcher:
         document = {
             "key_id": key_id,
             "latest": record.latest,
-            "exportable": exportable,
+            "exportable": self._exportable(key_id),
             "rotate_period": record.state.rotate_period,
             "versions": versions,
             "kek": {"source": store.metadata.kek["kind"], "status": self._kek_status()},
@@ -292,6 +292,7 @@ class Dispatcher:
             return False
 
     def _exportable(self, key_id: str) -> bool:
+        """Whether the key may be exported: its latest version file says (ROTATE copies it)."""
         store = self.store
         record = store.record(key_id)
         for number in reversed(record.files):

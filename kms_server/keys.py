@@ -51,12 +51,18 @@ DESTROYED = "destroyed"
 
 @dataclass(slots=True)
 class VersionUsage:
-    """A version's state and usage counters, persisted in the key's state file."""
+    """A version's state, usage counters and creation time, persisted in the key's state file.
+
+    ``created`` repeats the time sealed in the version's own file, so ``INFO`` and
+    the rotation check need not open every version to learn it. It is None for a
+    version written before state files kept it, until that version is next opened.
+    """
 
     state: str = ACTIVE
     encryptions: int = 0
     decryptions: int = 0
     bytes: int = 0
+    created: str | None = None
 
 
 @dataclass(eq=False, slots=True)

@@ -12,7 +12,7 @@ Layout under the store directory (every directory 0700, every file 0600)::
                                    and KDF, KEK check value
     gen-3/rotation.seal            sealed: keys with an automatic rotation period
     gen-3/keys/<key-id>/_v<N>.key  one sealed file per key version
-    gen-3/keys/<key-id>/_state.seal  sealed: per-version state and usage counters
+    gen-3/keys/<key-id>/_state.seal  sealed: per-version state, counters, creation time
 
 A key id's ``/``-separated segments become directories. Segments start with a
 letter or digit, so ``_v<N>.key``, ``_state.seal`` and ``.tmp-*`` names never
@@ -384,7 +384,7 @@ class Sealer:
 
 @dataclass
 class KeyState:
-    """A key's mutable facts: its rotation period and each version's state and counters."""
+    """A key's rotation period and each version's state, counters and creation time."""
 
     rotate_period: int | None = None
     usage: dict[int, VersionUsage] = field(default_factory=dict)
@@ -399,6 +399,7 @@ class KeyState:
                     "decryptions": usage.decryptions,
                     "bytes": usage.bytes,
                 }
+                | ({} if usage.created is None else {"created": usage.created})
                 for number, usage in sorted(self.usage.items())
             },
         }
@@ -408,11 +409,13 @@ class KeyState:
         period = document.get("rotate_period")
         state = cls(rotate_period=period if isinstance(period, int) else None)
         for number, entry in dict(document.get("versions", {})).items():
+            created = entry.get("created")
             state.usage[int(number)] = VersionUsage(
                 state=str(entry["state"]),
                 encryptions=int(entry["encryptions"]),
                 decryptions=int(entry["decryptions"]),
                 bytes=int(entry["bytes"]),
+                created=created if isinstance(created, str) else None,
             )
         return state
 
@@ -597,7 +600,10 @@ class KeyStore:
         except FileNotFoundError:
             raise KeyNotFound() from None
         opened = self.sealer.open_key_file(key_id, number, data, path)
-        opened.usage = record.usage(number)
+        usage = opened.usage = record.usage(number)
+        if usage.created is None:  # a state file from before creation times were kept
+            usage.created = opened.created
+            self.dirty.add(key_id)  # the next counter flush records it
         record.opened[number] = opened
         return opened
 
@@ -619,12 +625,20 @@ class KeyStore:
         return opened
 
     def latest_created(self, key_id: str) -> float:
-        """When the key's latest version was created; the first call opens that version."""
+        """When the key's latest version was created (Unix seconds), learned once."""
         created = self._latest_created.get(key_id)
         if created is None:
-            created = parse_time(self.version(key_id).created)
+            created = parse_time(self.created(key_id, self.record(key_id).latest))
             self._latest_created[key_id] = created
         return created
+
+    def created(self, key_id: str, version: int) -> str:
+        """When a version was made: from the key's state, opening the version only when
+        the state does not know (a version written before state files kept it)."""
+        usage = self.record(key_id).state.usage.get(version)
+        if usage is not None and usage.created is not None:
+            return usage.created
+        return self.version(key_id, version).created
 
     def exists(self, key_id: str) -> bool:
         return key_id in self._cache or self._scan(key_id) is not None
@@ -642,6 +656,7 @@ class KeyStore:
         make_private_dirs(directory, self.generation / KEYS_DIR)
         material = bytearray(random_bytes(KEY_SIZE))
         opened = KeyVersion(key_id, version, self._clock(), exportable, material)
+        opened.usage.created = opened.created  # the caller puts this usage in the state file
         try:
             write_new_file(directory / file_name(version), self.sealer.seal_key_file(opened))
         except FileExistsError:
@@ -676,7 +691,8 @@ class KeyStore:
             record.files = sorted([*record.files, opened.version])
         record.latest = max(record.latest, opened.version)
         self._latest_created.pop(opened.key_id, None)
-        opened.usage = record.usage(opened.version)
+        usage = opened.usage = record.state.usage.setdefault(opened.version, opened.usage)
+        usage.created = opened.created
         record.opened[opened.version] = opened
         return record
 

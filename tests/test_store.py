@@ -43,6 +43,7 @@ from kms_server.store import (
     KeyRecord,
     KeyState,
     KeyStore,
+    Sealer,
     StoreError,
     init_store,
     kek_check_value,
@@ -819,3 +820,59 @@ def test_the_rotation_check_opens_a_key_once_not_at_every_check(
         assert dispatcher.rotation_due("rot/k", created + 7200 + 3600)
     finally:
         store.close()
+
+
+def test_info_opens_only_the_latest_version_and_upgrades_an_old_state_file(
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INFO on a key with many versions reads their creation times from the key's state,
+    not by decrypting every version on the event loop (2,000 versions held it up for
+    0.36 s) and keeping them all in the cache. A state file written before it kept
+    creation times is upgraded by the next counter flush after one slow INFO."""
+    hours = iter(range(24))
+    store = KeyStore(store_dir, kek, clock=lambda: f"2026-01-01T{next(hours):02d}:00:00Z")
+    dispatcher = Dispatcher(store, "test")
+    for line in [b"CREATE many exportable", *[b"ROTATE many"] * 4]:
+        request = parse_request(line)
+        assert trio.run(dispatcher.respond_write, request, trio.to_thread.run_sync)[0][:2] == b"OK"
+    expected = dispatcher.respond(parse_request(b"INFO many"))[0]
+    store.close()
+    created = [version["created"] for version in json.loads(expected[3:])["versions"]]
+    assert created == [f"2026-01-01T{hour:02d}:00:00Z" for hour in range(5)]
+
+    opened: list[int] = []
+    real_open = Sealer.open_key_file
+
+    def counting_open(
+        self: Sealer, key_id: str, version: int, data: bytes, path: Path
+    ) -> KeyVersion:
+        opened.append(version)
+        return real_open(self, key_id, version, data, path)
+
+    monkeypatch.setattr(Sealer, "open_key_file", counting_open)
+
+    def info_after_restart() -> bytes:
+        opened.clear()
+        store = KeyStore(store_dir, kek, clock=clock)
+        try:
+            reply = Dispatcher(store, "test").respond(parse_request(b"INFO many"))[0]
+            for key_id, state in store.state_snapshot(store.dirty):  # the counter flush
+                store.write_state(key_id, state)
+        finally:
+            store.close()
+        return reply
+
+    assert info_after_restart() == expected
+    assert opened == [5]  # the latest, for "exportable"
+
+    # A state file from before creation times were kept: INFO opens each version once.
+    store = KeyStore(store_dir, kek, clock=clock)
+    state = store.record("many").state
+    for usage in state.usage.values():
+        usage.created = None
+    store.write_state("many", state)
+    store.close()
+    assert info_after_restart() == expected
+    assert sorted(opened) == [1, 2, 3, 4, 5]
+    assert info_after_restart() == expected
+    assert opened == [5]
