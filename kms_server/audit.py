@@ -45,6 +45,9 @@ log = logging.getLogger("kmsd.audit")
 STDERR_FD = 2
 #: Line ends for the durations most requests take: a tuple index instead of formatting.
 _TAILS = tuple(f'"us":{micros}}}\n' for micros in range(1000))
+#: "000" to "999": a time's microseconds as two lookups (formatting an int costs 3x more).
+_DIGITS = tuple(f"{number:03d}" for number in range(1000))
+_NANOS_PER_SECOND = 1_000_000_000
 
 
 class AuditError(Exception):
@@ -58,7 +61,10 @@ class AuditLog:
         self.path = path
         self._fd = self._open()
         self._failing = False
-        self._second = -1
+        #: The current second (in ns since the epoch), when the next begins, and the
+        #: start of a line's time up to its microseconds: ``{"time":"2026-11-22T16:40:00.``
+        self._second_began = 0
+        self._next_second = 0
         self._second_text = ""
 
     def _open(self) -> int:
@@ -96,15 +102,19 @@ class AuditLog:
     def head(self, prefix: str) -> str:
         """The start of every line of a batch: the time (read now) and the connection's fields.
 
-        The time reads ``2026-11-22T16:40:00.123456Z``; its date part is formatted once
-        a second, and ``str(micros)[-6:]`` is twice as fast as ``{:06d}``.
+        The time reads ``2026-11-22T16:40:00.123456Z``. Its date part is formatted once a
+        second; within the second only small integers are divided (the nanoseconds since
+        the epoch are two 30-bit digits, and dividing them cost more than the rest).
         """
-        micros = time.time_ns() // 1000
-        second = micros // 1_000_000
-        if second != self._second:
-            self._second = second
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f'{{"time":"{self._second_text}.{str(micros)[-6:]}Z",{prefix}'
+        now = time.time_ns()
+        if not self._second_began <= now < self._next_second:  # a new second (or set back)
+            second = now // _NANOS_PER_SECOND
+            self._second_began = second * _NANOS_PER_SECOND
+            self._next_second = self._second_began + _NANOS_PER_SECOND
+            date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second_text = f'{{"time":"{date}.'
+        micros = (now - self._second_began) // 1000
+        return f'{self._second_text}{_DIGITS[micros // 1000]}{_DIGITS[micros % 1000]}Z",{prefix}'
 
     @staticmethod
     def subject(
@@ -137,7 +147,7 @@ class AuditLog:
 
         Best effort on a full disk: a failure is logged, not raised.
         """
-        data = "".join(parts).encode("ascii", "replace")
+        data = "".join(parts).encode()  # ASCII: JSON-escaped, or key ids and codes
         try:
             written = os.write(self._fd, data)
             if written < len(data):  # a pipe or a signal may take part of it

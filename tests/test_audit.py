@@ -300,6 +300,32 @@ def test_the_audit_file_is_0600(audited: Daemon) -> None:
     assert stat.S_IMODE(audit_file(audited).stat().st_mode) == 0o600
 
 
+def test_the_time_is_utc_to_the_microsecond_across_seconds_and_a_clock_set_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head formats the date once a second and only the microseconds per batch:
+    each reading must still be the wall clock's, also when it steps back (NTP)."""
+    audit = AuditLog(tmp_path / "audit.log")
+    readings = [
+        1_795_000_000_000_000_000,  # 2026-11-18T09:46:40.000000Z
+        1_795_000_000_000_999_999,  # the same microsecond: nanoseconds are cut, not rounded
+        1_795_000_000_999_999_000,  # the end of that second
+        1_795_000_001_000_001_000,  # the next second
+        1_794_999_999_123_456_789,  # set back to the second before
+        1_795_000_000_000_042_000,
+    ]
+    clock = iter(readings)
+    monkeypatch.setattr("kms_server.audit.time.time_ns", lambda: next(clock))
+    try:
+        for reading in readings:
+            head = audit.head('"conn":1,')
+            second, nanos = divmod(reading, 10**9)
+            expected = datetime.fromtimestamp(second, UTC).replace(microsecond=nanos // 1000)
+            assert head == f'{{"time":"{expected:%Y-%m-%dT%H:%M:%S.%f}Z","conn":1,'
+    finally:
+        audit.close()
+
+
 def test_an_existing_looser_file_is_made_0600_but_a_fifo_is_left_alone(tmp_path: Path) -> None:
     loose = tmp_path / "audit.log"
     loose.touch(mode=0o644)
