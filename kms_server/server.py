@@ -27,7 +27,6 @@ import socket
 import stat
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from time import perf_counter_ns
 from typing import Any
@@ -67,6 +66,17 @@ MAX_SLACK = 1.0
 #: How long one connection's batch may hold the event loop before it lets others run
 #: (a 256 KiB batch of GETs takes ~100 ms; the other connections must not wait for it).
 SLICE_NS = 2_000_000
+#: Connections accepted at most per scheduling round: the backlog is drained in one go
+#: (one accept per round, as trio.serve_listeners does, left new clients waiting in the
+#: queue for hundreds of milliseconds while 200 hostile connections kept the loop busy),
+#: but a flood of connects still cannot hold the loop for long.
+ACCEPT_BATCH = 64
+#: accept(2) errors that mean the system is short of file descriptors or memory: wait, retry.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: accept(2) errors about one connection that went away before it was accepted.
+_ACCEPT_ABORTED_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+#: How long to wait before accepting again when the system is short of resources.
+ACCEPT_RETRY_DELAY = 0.1
 #: ACL decisions cached per connection before the cache is emptied (a client cycling
 #: through key ids must not grow it without end).
 MAX_CACHED_DECISIONS = 256
@@ -178,7 +188,8 @@ class Server:
         audit: AuditLog,
     ) -> None:
         self._dispatcher = dispatcher
-        self._listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+        listener.setblocking(False)
+        self._listener = listener
         self._limits = limits
         self._access = access
         self._audit = audit
@@ -205,25 +216,52 @@ class Server:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as acceptor:
-                await acceptor.start(
-                    partial(
-                        trio.serve_listeners,
-                        self._handle,
-                        [self._listener],
-                        handler_nursery=connections,
-                    )
-                )
+                acceptor.start_soon(self._accept, connections)
                 acceptor.start_soon(self._flush_counters_periodically)
                 acceptor.start_soon(self._rotate_periodically)
                 task_status.started()
                 await self._stop_requested.wait()
                 acceptor.cancel_scope.cancel()
-            await self._listener.aclose()
+            trio.lowlevel.notify_closing(self._listener)
+            self._listener.close()
             last_call = trio.current_time() + LAST_CALL
             for scope in self._waiting_for_input:
                 scope.deadline = min(scope.deadline, last_call)
             connections.cancel_scope.deadline = trio.current_time() + self._limits.grace_period
         await self.flush_counters()
+
+    async def _accept(self, connections: trio.Nursery) -> None:
+        """Accept connections and start a task for each in ``connections``.
+
+        Each time the socket is readable, up to ``ACCEPT_BATCH`` waiting connections
+        are taken at once, with the stdlib socket's own non-blocking ``accept``. Out of
+        descriptors or memory, it logs once, retries every ``ACCEPT_RETRY_DELAY``
+        while the kernel queues the clients, and logs again once none is left waiting.
+        """
+        listener = self._listener
+        short_of_resources = False
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    accepted, _ = listener.accept()
+                except BlockingIOError:  # nobody left waiting
+                    if short_of_resources:
+                        log.info("accepting connections again: none is waiting any more")
+                        short_of_resources = False
+                    break
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_ABORTED_ERRNOS:
+                        continue
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    if not short_of_resources:
+                        log.error("cannot accept a connection: %s; retrying", exc.strerror)
+                        short_of_resources = True
+                    await trio.sleep(ACCEPT_RETRY_DELAY)
+                    break
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
+                connections.start_soon(self._handle, stream)
 
     async def flush_counters(self) -> None:
         """Write the usage counters that changed since the last flush (a worker thread)."""

@@ -619,6 +619,51 @@ def test_max_connections(start_daemon: Callable[..., Daemon]) -> None:
             conn.close()
 
 
+class FewFilesDaemon(Daemon):
+    """A daemon that may open only ``FEW_FILES`` descriptors (about 12 at rest)."""
+
+    def command(self) -> list[str]:
+        return ["prlimit", f"--nofile={FEW_FILES}", "--", *super().command()]
+
+
+FEW_FILES = 24
+
+
+def test_out_of_descriptors_the_daemon_keeps_serving_and_accepts_later(short_tmp: Path) -> None:
+    """More clients than the daemon may open files for: accept(2) fails with EMFILE.
+    The daemon logs it, serves the connections it has, and takes the waiting clients
+    (queued by the kernel) as descriptors free up; it never exits or spins."""
+    daemon = FewFilesDaemon(short_tmp / "few")
+    make_store(daemon.root)
+    daemon.start()
+    waiting = [Conn(daemon.socket_path) for _ in range(2 * FEW_FILES)]
+    try:
+        for conn in waiting:
+            conn.send(b"PING\n")
+        served = waiting[: FEW_FILES // 3]  # accepted first, as the kernel queued them
+        for conn in served:
+            assert conn.reply() == b"OK PONG"
+        deadline = time.monotonic() + 10
+        while b"cannot accept a connection" not in daemon.log.read_bytes():
+            assert time.monotonic() < deadline, "accept never ran out of descriptors"
+            time.sleep(0.05)
+        for conn in served:
+            assert conn.ask(b"PING") == b"OK PONG"  # its connections are unharmed
+            conn.close()  # which frees descriptors for the clients still queued
+        for conn in waiting[len(served) :]:
+            assert conn.reply() == b"OK PONG"
+            conn.close()
+        assert first_reply(daemon.socket_path) == b"OK PONG"
+        assert daemon.stop() == 0
+        log = daemon.log.read_text()
+        assert log.count("cannot accept a connection") == 1  # once, not every 0.1 s
+        assert "accepting connections again" in log
+    finally:
+        for conn in waiting:
+            conn.close()
+        daemon.discard()
+
+
 def test_idle_connection_is_closed(start_daemon: Callable[..., Daemon]) -> None:
     daemon = start_daemon("--idle-timeout", "1")
     with Conn(daemon.socket_path) as conn:
