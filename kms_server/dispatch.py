@@ -97,17 +97,18 @@ class Dispatcher:
         """
         try:  # one call level, not two: this runs for every request on the event loop
             store = self.store
-            # Ordered by how often a database asks.
+            # Ordered by how often a database asks. A reply is joined, not added up: an
+            # 8 KiB ENC's would otherwise be copied twice.
             if type(request) is Encrypt:
                 key = store.usable(request.key_id)
                 ciphertext = key.encrypt(request.plaintext, request.aad)
                 self._count(key, encryptions=1, size=len(request.plaintext))
-                return b"OK " + b64encode(ciphertext) + b"\n", key.version
+                return b"".join((b"OK ", b64encode(ciphertext), b"\n")), key.version
             if type(request) is Decrypt:
                 key = self._key_for(request.key_id, request.ciphertext)
                 plaintext = key.decrypt(request.ciphertext, request.aad)
                 self._count(key, decryptions=1, size=len(plaintext))
-                return b"OK " + b64encode(plaintext) + b"\n", key.version
+                return b"".join((b"OK ", b64encode(plaintext), b"\n")), key.version
             if type(request) is Get:
                 key = store.usable(request.key_id, request.version)
                 if not key.exportable:
@@ -130,7 +131,7 @@ class Dispatcher:
                 ciphertext = new.encrypt(plaintext, request.aad)
                 self._count(old, decryptions=1, size=len(plaintext))
                 self._count(new, encryptions=1, size=len(plaintext))
-                return b"OK " + b64encode(ciphertext) + b"\n", new.version
+                return b"".join((b"OK ", b64encode(ciphertext), b"\n")), new.version
             if type(request) is Ping:
                 return b"OK PONG\n", None
             if type(request) is Info:
