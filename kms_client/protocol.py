@@ -200,15 +200,30 @@ class LineFramer:
         lines: list[bytes] = []
         sizes: list[int] = []
         if not self.too_long:
-            self.feed(data)
             try:
-                while (line := self.next_line()) is not None:
-                    lines.append(line)
-                    sizes.append(self.last_line_size)
+                newline = data.find(b"\n") if self._partial else -1
+                if newline >= 0 and self._start >= len(self._buffer):
+                    # The unfinished line is joined alone and the rest of ``data`` read in
+                    # place: joining all of it (as ``feed`` does) would copy every batch of
+                    # long lines once more.
+                    self._partial.append(data[: newline + 1])
+                    self._buffer, self._start = b"".join(self._partial), 0
+                    self._partial.clear()
+                    self._partial_size = 0
+                    self._collect(lines, sizes)
+                    self._buffer, self._start = data, newline + 1
+                else:
+                    self.feed(data)
+                self._collect(lines, sizes)
             except TooLong:
                 self.too_long = True
         self.wire_sizes = sizes
         return lines
+
+    def _collect(self, lines: list[bytes], sizes: list[int]) -> None:
+        while (line := self.next_line()) is not None:
+            lines.append(line)
+            sizes.append(self.last_line_size)
 
     def lines(self) -> Iterator[bytes]:
         """Yield every complete line buffered so far."""
