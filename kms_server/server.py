@@ -5,9 +5,11 @@
 Each connection is a loop: receive what the client sent, answer every complete
 line in order, and send all those answers in one write (a pipelined batch costs
 one send). Replies are sent before more is read, so a client that pipelines
-without reading stalls only itself: the daemon never buffers more than one
-batch of replies for it. A long batch lets the other connections run every
-couple of milliseconds, so a big pipelined batch does not hold them up.
+without reading stalls only itself: the daemon holds at most one receive of its
+requests and about ``MAX_PENDING_REPLIES`` of its replies (a batch whose replies
+grow past that sends them before it goes on). A long batch lets the other
+connections run every couple of milliseconds, so a big pipelined batch does not
+hold them up.
 
 Shutdown (SIGTERM/SIGINT): stop accepting; a connection waiting for input gets
 a short last call for requests already on their way, then closes; requests
@@ -26,6 +28,7 @@ import signal
 import socket
 import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter_ns
@@ -77,6 +80,10 @@ _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, e
 _ACCEPT_ABORTED_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 #: How long to wait before accepting again when the system is short of resources.
 ACCEPT_RETRY_DELAY = 0.1
+#: Reply bytes a batch may hold before they are sent: without a bound, 216 KB of
+#: pipelined ``INFO`` on a key of 100 versions (a 10 KB reply each) made the daemon
+#: hold 250 MB of replies for a client that never reads them.
+MAX_PENDING_REPLIES = 1024 * 1024
 #: ACL decisions cached per connection before the cache is emptied (a client cycling
 #: through key ids must not grow it without end).
 MAX_CACHED_DECISIONS = 256
@@ -341,16 +348,17 @@ class Server:
         cannot hold a connection; sending a batch of replies, the client has the
         idle timeout to read them (a client that pipelines without reading fills
         the socket buffer and blocks the send, which also stops us reading from
-        it: its unsent replies never exceed one batch); requests that change the
-        store are never cut. One cancel scope bounds both waits: its deadline is
-        moved only when it would fall short, or more than ``slack`` late, so under
-        load it changes about once per ``slack`` seconds instead of twice per
-        request (a fresh scope per wait cost ~8 us each); a limit acts within
-        [timeout, timeout + slack].
+        it: its unsent replies never much exceed ``MAX_PENDING_REPLIES``); requests
+        that change the store are never cut. One cancel scope bounds both waits: its
+        deadline is moved only when it would fall short, or more than ``slack``
+        late, so under load it changes about once per ``slack`` seconds instead of
+        twice per request (a fresh scope per wait cost ~8 us each); a limit acts
+        within [timeout, timeout + slack].
 
         A batch that has run for ``SLICE_NS`` writes its audit lines so far and
         yields to the other connections (a cancel-shielded checkpoint, with the
-        deadline lifted: requests being served are never cut). The ACL decision for
+        deadline lifted: requests being served are never cut); one whose replies
+        pass ``MAX_PENDING_REPLIES`` also sends them, with the idle timeout. The ACL decision for
         each (verb, key id) is cached for the connection and forgotten when the ACL
         is reloaded; the audit clock is read once per batch. The audit lines of a
         batch are written before its replies are sent: no client holds a key whose
@@ -417,11 +425,24 @@ class Server:
                 replies: list[bytes] = []
                 trail: list[str] = []
                 closing = False
+                pending = 0  # bytes in replies
                 began = slice_began = perf_counter_ns()
                 for number, line in enumerate(lines):
-                    if began - slice_began > SLICE_NS:  # a long batch: let others run too
+                    if began - slice_began > SLICE_NS or pending > MAX_PENDING_REPLIES:
+                        # A long batch lets the others run; a large one sends what it has.
                         audit.write(trail)  # (and keep the trail's buffers small)
                         trail = []
+                        if pending > MAX_PENDING_REPLIES:
+                            wanted = current_time() + timeout
+                            deadline = idle.deadline = wanted + slack
+                            sending = True
+                            try:
+                                await send_from(send, b"".join(replies), 0)
+                            except OSError:  # EPIPE, ECONNRESET: the client went away
+                                return
+                            sending = False
+                            replies = []
+                            pending = 0
                         deadline = idle.deadline = math.inf  # no cut while requests are served
                         await trio.lowlevel.cancel_shielded_checkpoint()
                         slice_began = began = perf_counter_ns()
@@ -470,9 +491,11 @@ class Server:
                             reply, version = respond(request)
                             closing = type(request) is Quit
                     replies.append(reply)
+                    size_out = len(reply)
+                    pending += size_out
                     result = "OK" if reply.startswith(b"OK") else error_code_of(reply)
                     size_in = len(line) + 1 if sizes is None else sizes[number]
-                    said = (verb, key_id, version, result, size_in, len(reply))
+                    said = (verb, key_id, version, result, size_in, size_out)
                     subject = subjects.get(said)
                     if subject is None:
                         if len(subjects) >= MAX_CACHED_SUBJECTS:
@@ -500,9 +523,7 @@ class Server:
                     try:
                         sent = await send(batch)
                         if sent < len(batch):
-                            with memoryview(batch) as view:
-                                while sent < len(batch):
-                                    sent += await send(view[sent:])
+                            await send_from(send, batch, sent)
                     except OSError:  # EPIPE, ECONNRESET: the client went away
                         return
                     sending = False
@@ -510,6 +531,15 @@ class Server:
                     return
         if sending:
             log.info("closing a connection that stopped reading its replies")
+
+
+async def send_from(
+    send: Callable[[bytes | memoryview], Awaitable[int]], batch: bytes, sent: int
+) -> None:
+    """Send ``batch`` from byte ``sent`` on, in as many calls as the socket takes."""
+    with memoryview(batch) as view:
+        while sent < len(batch):
+            sent += await send(view[sent:])
 
 
 def verb_of(line: bytes) -> str:

@@ -724,6 +724,38 @@ def first_reply(socket_path: str) -> bytes:
         return b""
 
 
+def resident_kib(pid: int, field: str = "VmHWM") -> int:
+    """A process's memory from /proc: its peak (VmHWM) or current (VmRSS) resident size."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
+def test_pipelined_large_replies_are_sent_as_they_pile_up(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """A client may pipeline requests with large replies (INFO on a key of 100 versions:
+    10 KB each) and read nothing for a while: the daemon holds about 1 MiB of replies
+    for it, not the 54 MB its 5,000 requests ask for, and loses none of them."""
+    daemon = start_daemon()
+    assert daemon.process is not None
+    with Conn(daemon.socket_path) as conn:
+        assert conn.ask(b"CREATE big") == b"OK 1"
+        conn.send(b"ROTATE big\n" * 99)
+        assert [conn.reply() for _ in range(99)][-1] == b"OK 100"
+        info = conn.ask(b"INFO big")
+        assert len(info) > 10_000
+        before = resident_kib(daemon.process.pid, "VmRSS")
+        conn.send(b"INFO big\n" * 5_000)  # 45 KB: the socket takes it all at once
+        time.sleep(1.5)  # unbounded, the daemon had answered all by now
+        grown = resident_kib(daemon.process.pid) - before
+        assert grown < 20_000, f"the daemon grew by {grown} KiB"
+        for _ in range(5_000):
+            assert conn.reply() == info
+        assert conn.ask(b"PING") == b"OK PONG"
+
+
 def test_client_that_stops_reading_does_not_hold_a_slot_forever(
     start_daemon: Callable[..., Daemon],
 ) -> None:
