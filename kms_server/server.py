@@ -358,9 +358,9 @@ class Server:
         A batch that has run for ``SLICE_NS`` writes its audit lines so far and
         yields to the other connections (a cancel-shielded checkpoint, with the
         deadline lifted: requests being served are never cut); one whose replies
-        pass ``MAX_PENDING_REPLIES`` also sends them, with the idle timeout. The ACL decision for
-        each (verb, key id) is cached for the connection and forgotten when the ACL
-        is reloaded; the audit clock is read once per batch. The audit lines of a
+        pass ``MAX_PENDING_REPLIES`` also sends them, with the idle timeout. The
+        ACL decision for each (verb, key id) is cached for the connection and
+        forgotten when the ACL is reloaded; the audit clock is read once per batch. The audit lines of a
         batch are written before its replies are sent: no client holds a key whose
         use is not on record.
         """
