@@ -360,9 +360,9 @@ class Server:
         deadline lifted: requests being served are never cut); one whose replies
         pass ``MAX_PENDING_REPLIES`` also sends them, with the idle timeout. The
         ACL decision for each (verb, key id) is cached for the connection and
-        forgotten when the ACL is reloaded; the audit clock is read once per batch. The audit lines of a
-        batch are written before its replies are sent: no client holds a key whose
-        use is not on record.
+        forgotten when the ACL is reloaded; the audit clock is read once per batch.
+        The audit lines of a batch are written before its replies are sent: no
+        client holds a key whose use is not on record.
         """
         dispatcher = self._dispatcher
         respond = dispatcher.respond
