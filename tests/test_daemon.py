@@ -636,11 +636,14 @@ def test_out_of_descriptors_the_daemon_keeps_serving_and_accepts_later(short_tmp
     daemon = FewFilesDaemon(short_tmp / "few")
     make_store(daemon.root)
     daemon.start()
+    assert daemon.process is not None
+    free = FEW_FILES - len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
+    assert free >= 4, f"the daemon holds {FEW_FILES - free} descriptors at rest"
     waiting = [Conn(daemon.socket_path) for _ in range(2 * FEW_FILES)]
     try:
         for conn in waiting:
             conn.send(b"PING\n")
-        served = waiting[: FEW_FILES // 3]  # accepted first, as the kernel queued them
+        served = waiting[: free // 2]  # accepted first, as the kernel queued them
         for conn in served:
             assert conn.reply() == b"OK PONG"
         deadline = time.monotonic() + 10
