@@ -620,13 +620,14 @@ def test_max_connections(start_daemon: Callable[..., Daemon]) -> None:
 
 
 class FewFilesDaemon(Daemon):
-    """A daemon that may open only ``FEW_FILES`` descriptors (about 12 at rest)."""
+    """A daemon that may open only ``FEW_FILES`` descriptors (it holds about 12 at rest;
+    its /proc/<pid>/fd cannot be counted by a non-root test, the daemon being undumpable)."""
 
     def command(self) -> list[str]:
         return ["prlimit", f"--nofile={FEW_FILES}", "--", *super().command()]
 
 
-FEW_FILES = 24
+FEW_FILES = 32
 
 
 def test_out_of_descriptors_the_daemon_keeps_serving_and_accepts_later(short_tmp: Path) -> None:
@@ -636,14 +637,11 @@ def test_out_of_descriptors_the_daemon_keeps_serving_and_accepts_later(short_tmp
     daemon = FewFilesDaemon(short_tmp / "few")
     make_store(daemon.root)
     daemon.start()
-    assert daemon.process is not None
-    free = FEW_FILES - len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
-    assert free >= 4, f"the daemon holds {FEW_FILES - free} descriptors at rest"
     waiting = [Conn(daemon.socket_path) for _ in range(2 * FEW_FILES)]
     try:
         for conn in waiting:
             conn.send(b"PING\n")
-        served = waiting[: free // 2]  # accepted first, as the kernel queued them
+        served = waiting[:4]  # accepted first, as the kernel queued them
         for conn in served:
             assert conn.reply() == b"OK PONG"
         deadline = time.monotonic() + 10
