@@ -251,7 +251,7 @@ class Server:
             await trio.lowlevel.wait_readable(listener)
             for _ in range(ACCEPT_BATCH):
                 try:
-                    accepted, _ = listener.accept()
+                    accepted, _address = listener.accept()
                 except BlockingIOError:  # nobody left waiting
                     if short_of_resources:
                         log.info("accepting connections again: none is waiting any more")

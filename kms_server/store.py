@@ -691,8 +691,8 @@ class KeyStore:
             record.files = sorted([*record.files, opened.version])
         record.latest = max(record.latest, opened.version)
         self._latest_created.pop(opened.key_id, None)
-        usage = opened.usage = record.state.usage.setdefault(opened.version, opened.usage)
-        usage.created = opened.created
+        # Both carry the creation time: write_version set it, the state file just written has it.
+        opened.usage = record.state.usage.setdefault(opened.version, opened.usage)
         record.opened[opened.version] = opened
         return record
 
