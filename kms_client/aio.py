@@ -5,16 +5,17 @@
 Tasks sharing one ``AsyncClient`` queue on a :class:`trio.Lock`, one exchange
 at a time. Repeatable requests are resent once on a fresh connection when the
 old one turns out dead; ``CREATE``, ``ROTATE`` and ``REKEY`` never are.
-``timeout`` bounds one call (a cancel scope around connect, send, receive and
-the retry); when it expires, or the caller's own cancel scope fires
-mid-exchange, the connection is closed, because the reply still in flight would
-answer the next request.
+``timeout`` bounds one call (a cancel scope around the wait for other tasks'
+calls, connect, send, receive and the retry); when it expires, or the caller's
+own cancel scope fires mid-exchange, the connection is closed, because the
+reply still in flight would answer the next request.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -55,17 +56,22 @@ from kms_client.protocol import (
     parse_response,
 )
 from kms_client.sync import (
+    CONNECT_RETRY_FIRST,
+    CONNECT_RETRY_MAX,
     PIPELINE_BATCH,
     RESPONSE_MAX_LINE,
     REWRAP_WINDOW,
     BrokenConnection,
+    Delivery,
     Progress,
     check_request,
     check_rewrap_arguments,
+    closed_in_flight,
     collect_replies,
     connection_broken,
     expect_idle,
     next_reply_line,
+    pipeline_broken,
     rewrap_total,
     rewrapped,
     settle,
@@ -174,19 +180,19 @@ class AsyncClient:
         Raises the :class:`KmsError` subclass for an ``ERR`` reply.
         """
         line = check_request(request)
-        async with self._lock:
-            closes = self._closes
-            with trio.move_on_after(self._budget()) as scope:
+        with trio.move_on_after(self._budget()) as scope:
+            async with self._lock:  # waiting for other tasks' calls counts against the timeout
+                closes = self._closes
                 reply = await self._round_trip(request, line, closes)
-            if scope.cancelled_caught:
-                raise Timeout()
-            try:
-                result = settle(request, parse_response(reply))
-            except ProtocolViolation:
-                self._drop()
-                raise
-            if isinstance(request, Quit):
-                self._drop()
+                try:
+                    result = settle(request, parse_response(reply))
+                except ProtocolViolation:
+                    self._drop()
+                    raise
+                if isinstance(request, Quit):
+                    self._drop()
+        if scope.cancelled_caught:
+            raise Timeout()
         if isinstance(result, KmsError):
             raise result
         return result
@@ -202,7 +208,11 @@ class AsyncClient:
         results: list[Any] = []
         if not requests:
             return results
-        async with self._lock:
+        with trio.move_on_after(self._budget()) as waited:
+            await self._lock.acquire()
+        if waited.cancelled_caught:
+            raise Timeout("timed out waiting for this client's other calls to finish")
+        try:
             closes = self._closes
             retried = False
             while True:
@@ -214,15 +224,14 @@ class AsyncClient:
                     self._check_not_closed(
                         closes, broken, all(request.repeatable for request in pending)
                     )
-                    if retried or not all(request.repeatable for request in pending):
-                        raise ConnectionFailed(
-                            f"connection to the key daemon broke after {len(results)} of"
-                            f" {len(requests)} replies; unanswered CREATE, ROTATE or REKEY"
-                            " requests may have been applied"
-                        ) from broken
+                    failure = pipeline_broken(requests, len(results), broken.delivered, retried)
+                    if failure is not None:
+                        raise failure from broken
                     retried = True
             if any(isinstance(request, Quit) for request in requests):
                 self._drop()
+        finally:
+            self._lock.release()
         return results
 
     # ------------------------------------------------------------------ verbs
@@ -339,12 +348,35 @@ class AsyncClient:
             stream.socket.close()
 
     async def _open(self) -> trio.SocketStream:
+        """Connect, asking again while the daemon's connection queue is full.
+
+        Our own connect, not ``trio.open_unix_socket``: a Unix socket whose listen
+        queue is full refuses at once (``EAGAIN``), and trio then waits for the
+        unconnected socket to be writable, which it is, and reports it connected.
+        """
         try:
-            stream = await trio.open_unix_socket(self.socket_path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:
+            raise ConnectionFailed(f"cannot create a socket: {exc.strerror or exc}") from exc
+        try:
+            sock.setblocking(False)
+            pause = CONNECT_RETRY_FIRST
+            while True:
+                try:
+                    sock.connect(self.socket_path)  # a Unix socket connects at once or refuses
+                    break
+                except BlockingIOError:
+                    await trio.sleep(pause)  # bounded by the caller's timeout scope
+                    pause = min(pause * 2, CONNECT_RETRY_MAX)
+        except OSError as exc:
+            sock.close()
             raise ConnectionFailed(
                 f"cannot connect to {self.socket_path}: {exc.strerror or exc}"
             ) from exc
+        except BaseException:
+            sock.close()
+            raise
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self._stream = stream
         return stream
 
@@ -366,10 +398,7 @@ class AsyncClient:
     def _check_not_closed(self, closes: int, broken: BrokenConnection, repeatable: bool) -> None:
         """Fail a request whose connection :meth:`aclose` closed while it was in flight."""
         if self._closes != closes:
-            raise ConnectionFailed(
-                "the client was closed while the request was in flight"
-                + ("" if repeatable or not broken.sent else "; it may have been applied")
-            ) from broken
+            raise closed_in_flight(repeatable, broken) from broken
 
     async def _round_trip(self, request: Request[Any], line: bytes, closes: int) -> bytes:
         try:
@@ -388,11 +417,26 @@ class AsyncClient:
         """One request line out, one response line back."""
         stream = self._stream if self._stream is not None else await self._open()
         with self._guard(sent=False):
-            await stream.send_all(line)
+            try:
+                await stream.send_all(line)
+            except trio.BrokenResourceError:
+                reply = await self._reply_left_behind(stream)
+                if reply is None:
+                    raise
+                self._drop()  # the daemon has closed its end
+                return reply
         with self._guard(sent=True):
             reply = await self._read_line(stream)
             expect_idle(self._framer)
         return reply
+
+    async def _reply_left_behind(self, stream: trio.SocketStream) -> bytes | None:
+        """The reply a daemon sent before closing on a request still being sent, if any
+        (``ERR TOO_LONG``, ``ERR UNAVAILABLE``). Its end is closed: reading cannot wait."""
+        try:
+            return await self._read_line(stream)
+        except (BrokenConnection, trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
 
     async def _read_line(self, stream: trio.SocketStream) -> bytes:
         framer = self._framer
@@ -411,19 +455,30 @@ class AsyncClient:
         The nursery's body only records a failure and cancels: an exception
         escaping a nursery would arrive wrapped in an ExceptionGroup.
         """
-        stream = self._stream if self._stream is not None else await self._open()
-        framer = self._framer
         budget = self._budget()
         failure: BaseException | None = None
+        delivery = Delivery(len(results))
 
         with trio.CancelScope(deadline=trio.current_time() + budget) as progress:
+            stream = self._stream if self._stream is not None else await self._open()
+            framer = self._framer
 
             async def send_batches() -> None:
+                # The socket's own send, not send_all: the bytes each call took tell
+                # which requests the daemon may have read if the connection breaks.
+                sock = stream.socket
                 try:
                     for start in range(len(results), len(requests), PIPELINE_BATCH):
-                        await stream.send_all(b"".join(lines[start : start + PIPELINE_BATCH]))
+                        batch = lines[start : start + PIPELINE_BATCH]
+                        delivery.start(start, batch)
+                        with memoryview(b"".join(batch)) as outgoing:
+                            taken = 0
+                            while taken < len(outgoing):
+                                sent = await sock.send(outgoing[taken:])
+                                taken += sent
+                                delivery.took(sent)
                         progress.deadline = trio.current_time() + budget
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                except (OSError, trio.ClosedResourceError):
                     # Replies to what did arrive may still be buffered; the
                     # receiver reads on to EOF and reports the break.
                     pass
@@ -442,10 +497,13 @@ class AsyncClient:
                         expect_idle(framer)
                     except (
                         BrokenConnection,
-                        KmsError,
                         trio.BrokenResourceError,
                         trio.ClosedResourceError,  # aclose() in another task
                     ) as exc:
+                        failure = BrokenConnection(sent=True, delivered=delivery.delivered)
+                        failure.__cause__ = exc
+                        nursery.cancel_scope.cancel()
+                    except KmsError as exc:
                         failure = exc
                         nursery.cancel_scope.cancel()
                 if failure is not None:

@@ -20,16 +20,24 @@ Connection rules, shared with :class:`kms_client.AsyncClient`:
   requests. A ``CREATE``, ``ROTATE`` or ``REKEY`` whose line was delivered is
   never resent: the daemon may have applied it before it went away. (``RETIRE``,
   ``RESTORE``, ``DESTROY`` and ``CONFIG`` are idempotent, so they may be.)
-* ``timeout`` bounds one whole call (connect, send, receive, and the retry).
-  A timeout drops the connection, because a late reply would otherwise be read
-  as the answer to the next request.
+* If the daemon closes the connection while a request is being sent, a reply
+  it left behind is read before anything else: ``ERR TOO_LONG`` for a line over
+  its limit, ``ERR UNAVAILABLE`` when it is full. That reply is the answer; the
+  request is not sent again.
+* ``timeout`` bounds one whole call (waiting for another thread's call to
+  finish, connect, send, receive, and the retry). A timeout drops the
+  connection, because a late reply would otherwise be read as the answer to the
+  next request. A daemon whose connection queue is full is asked again until
+  the deadline.
 * Any failure that leaves the stream in an unknown state (timeout, protocol
   violation, interrupt) closes the connection; an ``ERR`` reply does not.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import os
 import selectors
 import socket
@@ -88,6 +96,11 @@ PIPELINE_BATCH = 256
 REWRAP_WINDOW = 256
 #: ``progress(done, total)``: ciphertexts rewrapped so far, and how many in all if known.
 Progress = Callable[[int, int | None], None]
+#: How long ``close()`` waits for another thread's call before cutting its connection.
+CLOSE_WAIT = 1.0
+#: Pauses between connection attempts while the daemon's queue is full (seconds).
+CONNECT_RETRY_FIRST = 0.001
+CONNECT_RETRY_MAX = 0.05
 _IO_SIZE = 256 << 10
 
 
@@ -96,12 +109,45 @@ class BrokenConnection(Exception):
 
     ``sent`` says whether the request had been written entirely. If not, its
     LF never arrived and the daemon cannot have executed it, so any request may
-    be resent; if so, only a repeatable one may.
+    be resent; if so, only a repeatable one may. For a pipelined batch,
+    ``delivered`` is the index of the first request whose line the kernel never
+    took whole (``None``: unknown, so every unanswered one may have arrived).
     """
 
-    def __init__(self, sent: bool) -> None:
+    def __init__(self, sent: bool, delivered: int | None = None) -> None:
         super().__init__("connection broken")
         self.sent = sent
+        self.delivered = delivered
+
+
+class Delivery:
+    """Which requests of a pipelined batch the daemon may have read.
+
+    Only a line whose final LF the kernel took can have been executed, so after a
+    break the requests past that point are safe to send again, whatever they are
+    (the common case: the daemon closed an idle connection and the first send of a
+    batch fails with nothing taken).
+    """
+
+    def __init__(self, first: int) -> None:
+        self._first = first
+        self._ends: list[int] = []
+        self._taken = 0
+
+    def start(self, first: int, lines: Sequence[bytes]) -> None:
+        """A new run of ``lines`` starting at request ``first`` is being sent."""
+        self._first = first
+        self._ends = list(itertools.accumulate(map(len, lines)))
+        self._taken = 0
+
+    def took(self, count: int) -> None:
+        """The kernel accepted ``count`` more bytes of the current run."""
+        self._taken += count
+
+    @property
+    def delivered(self) -> int:
+        """The first request the daemon cannot have read whole."""
+        return self._first + bisect.bisect_right(self._ends, self._taken)
 
 
 def check_request(request: Request[Any]) -> bytes:
@@ -111,12 +157,19 @@ def check_request(request: Request[Any]) -> bytes:
     would smuggle a second request onto the wire and desynchronise every reply
     after it. Key ids are therefore validated here, before anything is sent, and
     raise :class:`~kms_client.errors.BadKeyId` exactly as the daemon would; a line
-    break in any other field is :class:`~kms_client.errors.BadRequest`.
+    break in any other field is :class:`~kms_client.errors.BadRequest`. A field of
+    the wrong type (a ``bytes`` key id, a ``str`` plaintext) is a ``TypeError``
+    that names the request, as from any Python function given the wrong type.
     """
     key_id = getattr(request, "key_id", None)
-    if isinstance(key_id, str):
+    if key_id is not None:
+        if not isinstance(key_id, str):
+            raise TypeError(f"{request.verb}: key_id must be str, not {type(key_id).__name__}")
         validate_key_id(key_id.encode("ascii", "replace"))
-    line = request.to_line()
+    try:
+        line = request.to_line()
+    except (TypeError, AttributeError) as exc:  # formatting a field of the wrong type
+        raise TypeError(f"{request.verb}: an argument has the wrong type ({exc})") from None
     if line.find(b"\n") != len(line) - 1 or b"\r" in line:  # any other field, say a REKEY source
         raise BadRequest("a request field holds a line break")
     return line
@@ -149,6 +202,34 @@ def rewrapped(results: Sequence[Any]) -> Iterator[bytes]:
         yield result
 
 
+def closed_in_flight(repeatable: bool, broken: BrokenConnection) -> ConnectionFailed:
+    """The error for a request whose connection ``close()`` cut while it was in flight."""
+    text = "the client was closed while the request was in flight"
+    if broken.sent and not repeatable:
+        text += "; it may have been applied"
+    return ConnectionFailed(text)
+
+
+def pipeline_broken(
+    requests: Sequence[Request[Any]], answered: int, delivered: int | None, retried: bool
+) -> ConnectionFailed | None:
+    """The error for a pipelined batch whose connection broke, or None to send the rest again.
+
+    The unanswered requests the daemon may have read must all be repeatable for
+    the rest to be resent, and only once.
+    """
+    maybe_read = requests[answered : len(requests) if delivered is None else delivered]
+    unsafe = sorted({request.verb for request in maybe_read if not request.repeatable})
+    if not retried and not unsafe:
+        return None
+    text = f"connection to the key daemon broke after {answered} of {len(requests)} replies" + (
+        ", and again after reconnecting" if retried else ""
+    )
+    if unsafe:
+        text += f"; unanswered {', '.join(unsafe)} requests may have been applied"
+    return ConnectionFailed(text)
+
+
 def connection_broken(request: Request[Any], sent: bool, retried: bool) -> ConnectionFailed:
     """The error for a dead connection, saying whether the request may have been applied."""
     if retried:
@@ -165,8 +246,9 @@ class Client:
 
     Use it as a context manager, or call :meth:`close`; after ``close()`` a later
     call opens a new connection. Methods raise :class:`~kms_client.errors.KmsError`
-    subclasses only: the daemon's ``ERR`` codes, plus the client-side
-    ``ConnectionFailed``, ``Timeout`` and ``ProtocolViolation``.
+    subclasses for everything the daemon or the connection does: the daemon's
+    ``ERR`` codes, plus the client-side ``ConnectionFailed``, ``Timeout`` and
+    ``ProtocolViolation``. An argument of the wrong type is a ``TypeError``.
     """
 
     def __init__(self, socket_path: str | os.PathLike[str], timeout: float | None = 10.0) -> None:
@@ -176,6 +258,9 @@ class Client:
         self._sock: socket.socket | None = None
         self._pid = os.getpid()
         self._framer = LineFramer(RESPONSE_MAX_LINE)
+        #: Counts :meth:`close` calls: a request that sees it change while in flight
+        #: had its connection cut under it and must fail, not reconnect.
+        self._closes = 0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -195,9 +280,19 @@ class Client:
 
         We do not wait for the ``OK``: ``close()`` runs on error paths and in
         ``__exit__``, where blocking on a stuck daemon would be worse than the
-        daemon finding the peer gone when it writes its reply.
+        daemon finding the peer gone when it writes its reply. A request another
+        thread still has in flight after ``CLOSE_WAIT`` seconds has its connection
+        shut down: it raises :class:`ConnectionFailed` and does not reconnect. The
+        client stays usable; its next request opens a new connection.
         """
-        with self._lock:
+        self._closes += 1
+        if not self._lock.acquire(timeout=CLOSE_WAIT):
+            sock = self._sock
+            if sock is not None:  # the thread in flight wakes up and drops it
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            return
+        try:
             sock = self._sock
             if sock is None:
                 return
@@ -208,6 +303,8 @@ class Client:
                 pass
             finally:
                 self._drop()
+        finally:
+            self._lock.release()
 
     @property
     def connected(self) -> bool:
@@ -222,16 +319,21 @@ class Client:
         Raises the :class:`KmsError` subclass for an ``ERR`` reply.
         """
         line = check_request(request)
-        with self._lock:
-            deadline = self._deadline()
+        deadline = self._deadline()
+        with self._locked(deadline):
+            closes = self._closes
             try:
                 reply = self._exchange(line, deadline)
             except BrokenConnection as broken:
+                if self._closes != closes:
+                    raise closed_in_flight(request.repeatable, broken) from broken
                 if broken.sent and not request.repeatable:
                     raise connection_broken(request, broken.sent, False) from broken
                 try:
                     reply = self._exchange(line, deadline)
                 except BrokenConnection as again:
+                    if self._closes != closes:
+                        raise closed_in_flight(request.repeatable, again) from again
                     raise connection_broken(request, again.sent, True) from again
             try:
                 result = settle(request, parse_response(reply))
@@ -251,8 +353,10 @@ class Client:
         :class:`KmsError` instance its ``ERR`` reply carried (not raised, so one
         missing key does not hide the other 9,999 answers). Connection-level
         failures (``ConnectionFailed``, ``Timeout``, ``ProtocolViolation``) are
-        raised; a dead connection is replaced once if every unanswered request is
-        repeatable. Invalid key ids raise ``BadKeyId`` before anything is sent.
+        raised; a dead connection is replaced once, and the unanswered requests
+        sent again, if every one of them the daemon may have read is repeatable
+        (a line the kernel never took whole cannot have been). Invalid key ids
+        raise ``BadKeyId`` before anything is sent.
 
         Sending and receiving are interleaved with a selector, so a batch whose
         replies outgrow the socket buffers cannot deadlock. ``timeout`` here bounds
@@ -262,7 +366,8 @@ class Client:
         results: list[Any] = []
         if not requests:
             return results
-        with self._lock:
+        with self._locked(self._deadline()):
+            closes = self._closes
             retried = False
             while True:
                 try:
@@ -270,12 +375,12 @@ class Client:
                     break
                 except BrokenConnection as broken:
                     pending = requests[len(results) :]
-                    if retried or not all(request.repeatable for request in pending):
-                        raise ConnectionFailed(
-                            f"connection to the key daemon broke after {len(results)} of"
-                            f" {len(requests)} replies; unanswered CREATE, ROTATE or REKEY"
-                            " requests may have been applied"
-                        ) from broken
+                    if self._closes != closes:
+                        repeatable = all(request.repeatable for request in pending)
+                        raise closed_in_flight(repeatable, broken) from broken
+                    failure = pipeline_broken(requests, len(results), broken.delivered, retried)
+                    if failure is not None:
+                        raise failure from broken
                     retried = True
             if any(isinstance(request, Quit) for request in requests):
                 self._drop()
@@ -399,6 +504,17 @@ class Client:
     def _deadline(self) -> float | None:
         return None if self.timeout is None else time.monotonic() + self.timeout
 
+    @contextlib.contextmanager
+    def _locked(self, deadline: float | None) -> Iterator[None]:
+        """Hold the connection, waiting for other threads' calls until ``deadline`` at most."""
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._lock.acquire(timeout=wait):
+            raise Timeout("timed out waiting for this client's other calls to finish")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     @staticmethod
     def _remaining(deadline: float | None) -> float | None:
         if deadline is None:
@@ -421,8 +537,7 @@ class Client:
         except OSError as exc:
             raise ConnectionFailed(f"cannot create a socket: {exc.strerror or exc}") from exc
         try:
-            sock.settimeout(self._remaining(deadline))
-            sock.connect(self.socket_path)
+            self._connect(sock, deadline)
         except TimeoutError as exc:
             sock.close()
             raise Timeout(f"connecting to {self.socket_path} timed out") from exc
@@ -433,6 +548,25 @@ class Client:
             ) from exc
         self._sock, self._pid = sock, os.getpid()
         return sock
+
+    def _connect(self, sock: socket.socket, deadline: float | None) -> None:
+        """Connect, asking again while the daemon's connection queue is full.
+
+        A Unix socket whose listen queue is full refuses at once (``EAGAIN``)
+        instead of queueing the caller, as TCP would: a daemon busy accepting
+        deserves the rest of the call's time, not an immediate failure.
+        """
+        pause = CONNECT_RETRY_FIRST
+        while True:
+            sock.settimeout(self._remaining(deadline))
+            try:
+                sock.connect(self.socket_path)
+            except BlockingIOError:
+                remaining = self._remaining(deadline)
+                time.sleep(pause if remaining is None else min(pause, remaining))
+                pause = min(pause * 2, CONNECT_RETRY_MAX)
+            else:
+                return
 
     @contextlib.contextmanager
     def _guard(self, sent: bool) -> Iterator[None]:
@@ -475,11 +609,29 @@ class Client:
         sock = self._connection(deadline)
         with self._guard(sent=False):
             sock.settimeout(self._remaining(deadline))
-            sock.sendall(line)
+            try:
+                sock.sendall(line)
+            except ConnectionError:
+                reply = self._reply_left_behind(sock, deadline)
+                if reply is None:
+                    raise
+                self._drop()  # the daemon has closed its end
+                return reply
         with self._guard(sent=True):
             reply = self._read_line(sock, deadline)
             expect_idle(self._framer)
         return reply
+
+    def _reply_left_behind(self, sock: socket.socket, deadline: float | None) -> bytes | None:
+        """The reply a daemon sent before closing on a request still being sent, if any.
+
+        The daemon has closed its end, so reading cannot wait for more than what
+        is already buffered here.
+        """
+        try:
+            return self._read_line(sock, deadline)
+        except (BrokenConnection, OSError):
+            return None
 
     def _read_line(self, sock: socket.socket, deadline: float | None) -> bytes:
         framer = self._framer
@@ -501,26 +653,32 @@ class Client:
         """
         sock = self._connection(self._deadline())
         pump = _Pump(sock, self._framer, requests, lines, results)
-        with self._guard(sent=True), selectors.DefaultSelector() as selector:
-            # Non-blocking: a blocking AF_UNIX send() waits until *all* bytes are
-            # queued, which is exactly the deadlock the selector is here to avoid.
-            sock.setblocking(False)
-            events = selectors.EVENT_READ | selectors.EVENT_WRITE
-            selector.register(sock, events)
-            while not pump.done:
-                wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if pump.wants_write() else 0)
-                if wanted != events:
-                    selector.modify(sock, wanted)
-                    events = wanted
-                ready = selector.select(self.timeout)
-                if not ready:
-                    raise TimeoutError
-                mask = ready[0][1]
-                if mask & selectors.EVENT_WRITE:
-                    pump.write()
-                if mask & selectors.EVENT_READ:
-                    pump.read()
-            expect_idle(self._framer)
+        try:
+            with self._guard(sent=True), selectors.DefaultSelector() as selector:
+                # Non-blocking: a blocking AF_UNIX send() waits until *all* bytes are
+                # queued, which is exactly the deadlock the selector is here to avoid.
+                sock.setblocking(False)
+                events = selectors.EVENT_READ | selectors.EVENT_WRITE
+                selector.register(sock, events)
+                while not pump.done:
+                    wanted = selectors.EVENT_READ | (
+                        selectors.EVENT_WRITE if pump.wants_write() else 0
+                    )
+                    if wanted != events:
+                        selector.modify(sock, wanted)
+                        events = wanted
+                    ready = selector.select(self.timeout)
+                    if not ready:
+                        raise TimeoutError
+                    mask = ready[0][1]
+                    if mask & selectors.EVENT_WRITE:
+                        pump.write()
+                    if mask & selectors.EVENT_READ:
+                        pump.read()
+                expect_idle(self._framer)
+        except BrokenConnection as broken:
+            broken.delivered = pump.delivery.delivered
+            raise
 
 
 class _Pump:
@@ -541,6 +699,7 @@ class _Pump:
         self.results = results
         self.next_send = len(results)
         self.outgoing = memoryview(b"")
+        self.delivery = Delivery(len(results))
 
     @property
     def done(self) -> bool:
@@ -551,17 +710,21 @@ class _Pump:
         if not self.outgoing and self.next_send < len(self.requests):
             batch = self.lines[self.next_send : self.next_send + PIPELINE_BATCH]
             self.outgoing = memoryview(b"".join(batch))
+            self.delivery.start(self.next_send, batch)
             self.next_send += len(batch)
         return bool(self.outgoing)
 
     def write(self) -> None:
         try:
-            self.outgoing = self.outgoing[self.sock.send(self.outgoing[:_IO_SIZE]) :]
+            taken = self.sock.send(self.outgoing[:_IO_SIZE])
         except BlockingIOError:
             pass
         except ConnectionError:
             # Replies to what did arrive may still be buffered: stop sending, read on to EOF.
             self.outgoing, self.next_send = memoryview(b""), len(self.requests)
+        else:
+            self.outgoing = self.outgoing[taken:]
+            self.delivery.took(taken)
 
     def read(self) -> None:
         try:

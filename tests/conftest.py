@@ -2,6 +2,7 @@
 # No mocks: tests talk to the daemon exactly as users do (socket, CLI, socat).
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -166,6 +167,22 @@ def make_store(root: Path) -> Daemon:
     description = source.describe_new()
     init_store(daemon.store, source.obtain(description), description, "2026-01-01T00:00:00Z")
     return daemon
+
+
+@contextlib.contextmanager
+def serving(root: Path, *extra_args: str) -> Iterator[Daemon]:
+    """A daemon over a fresh store, started with extra ``kmsd serve`` arguments."""
+    started = make_store(root)
+    started.extra_args = list(extra_args)
+    started.start()
+    try:
+        yield started
+    finally:
+        try:
+            if started.process is not None:
+                started.stop()
+        finally:
+            started.discard()
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from pathlib import Path
@@ -25,10 +27,12 @@ from kms_client import (
     ProtocolViolation,
     Retired,
     Timeout,
+    TooLong,
+    Unavailable,
 )
 from kms_client.aio import AsyncClient as DirectAsyncClient
 from kms_client.protocol import Decrypt, Encrypt, Get, Ping, Request, Rotate
-from tests.conftest import Daemon
+from tests.conftest import Daemon, serving
 from tests.scripted_server import (
     ScriptedServer,
     hang_up_after_request,
@@ -365,3 +369,101 @@ async def test_aclose_under_a_call_in_flight_fails_that_call_and_never_reconnect
             await c.ping()  # the client stays usable: a new connection
         assert server.connections == 2
         await c.aclose()
+
+
+async def test_an_over_long_request_is_too_long_and_sent_once(short_tmp: Path) -> None:
+    with serving(short_tmp / "d", "--max-line", "4096") as daemon:
+        async with AsyncClient(daemon.socket_path) as c:
+            await c.create("k")
+            for size in (3_500, 2_000_000):  # caught at the end of the line, or while sending
+                with pytest.raises(TooLong):
+                    await c.encrypt("k", b"x" * size)
+                assert await c.encrypt("k", b"fine")
+        stderr = daemon.log.read_text()
+    assert stderr.count('"result":"TOO_LONG"') == 2
+
+
+async def test_a_full_daemon_is_unavailable_not_a_broken_connection(short_tmp: Path) -> None:
+    with serving(short_tmp / "d", "--max-connections", "1") as daemon:
+        async with AsyncClient(daemon.socket_path) as holder:
+            await holder.ping()
+            for _ in range(20):
+                async with AsyncClient(daemon.socket_path) as c:
+                    with pytest.raises(Unavailable):
+                        await c.ping()
+
+
+async def test_pipeline_after_an_idle_close_is_sent_again_even_with_a_rotate(
+    short_tmp: Path,
+) -> None:
+    with serving(short_tmp / "d", "--idle-timeout", "0.3") as daemon:
+        async with AsyncClient(daemon.socket_path) as c:
+            await c.create("k")
+            await trio.sleep(1.0)  # the daemon closes the idle connection
+            assert await c.pipeline([Rotate("k"), Ping()]) == [2, None]
+            assert (await c.info("k"))["latest"] == 2
+
+
+async def test_a_full_connection_queue_is_waited_on_until_the_timeout(short_tmp: Path) -> None:
+    """trio's own connect takes a refused one (EAGAIN) for a connected socket: ours retries."""
+    path = str(short_tmp / "full.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(0)
+        listener.settimeout(10.0)
+        queued: list[socket.socket] = []
+        while True:  # fill the queue
+            waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            waiting.setblocking(False)
+            try:
+                waiting.connect(path)
+            except BlockingIOError:
+                waiting.close()
+                break
+            queued.append(waiting)
+        started = trio.current_time()
+        with pytest.raises(Timeout):
+            await AsyncClient.connect(path, timeout=0.5)
+        assert trio.current_time() - started >= 0.45
+        served: list[socket.socket] = []
+
+        def serve_late() -> None:
+            time.sleep(0.3)
+            for _ in range(len(queued) + 1):
+                conn = listener.accept()[0]
+                conn.sendall(b"OK PONG\n")  # the queued ones never asked: nobody reads it
+                served.append(conn)
+
+        late = threading.Thread(target=serve_late)
+        late.start()
+        async with AsyncClient(path, timeout=5.0) as c:
+            await c.ping()
+        late.join()
+        for conn in [*queued, *served]:
+            conn.close()
+
+
+async def test_timeout_covers_the_wait_for_other_tasks_calls(short_tmp: Path) -> None:
+    path = str(short_tmp / "s.sock")
+
+    def slow(line: bytes) -> bytes:
+        time.sleep(0.6)
+        return b"OK PONG\n"
+
+    with ScriptedServer(path, reply_with(slow)):
+        async with AsyncClient(path, timeout=1.0) as c:
+            outcomes: list[str] = []
+
+            async def call(pipelined: bool) -> None:
+                try:
+                    await (c.pipeline([Ping()]) if pipelined else c.ping())
+                    outcomes.append("ok")
+                except Timeout:
+                    outcomes.append("timeout")
+
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for n in range(4):
+                    nursery.start_soon(call, n == 3)
+            assert trio.current_time() - started < 2.5  # not 4 x 0.6 s in a row
+            assert sorted(outcomes) == ["ok", "timeout", "timeout", "timeout"]

@@ -2,8 +2,8 @@
 # and against scripted servers for failures kmsd won't make on cue. Tests assert codes, not text.
 from __future__ import annotations
 
-import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -30,10 +30,12 @@ from kms_client import (
     ProtocolViolation,
     Retired,
     Timeout,
+    TooLong,
+    Unavailable,
 )
 from kms_client.protocol import Decrypt, Encrypt, Get, Ping, Rekey, Request, Rotate
 from kms_server.crypto import random_bytes
-from tests.conftest import Daemon, make_store
+from tests.conftest import Daemon, serving
 from tests.scripted_server import (
     ScriptedServer,
     hang_up_after_request,
@@ -152,9 +154,10 @@ def test_rotate_is_resent_only_when_never_delivered(daemon: Daemon, client: Clie
     assert client.rotate("k") == 2
     assert client.info("k")["latest"] == 2
     daemon.restart()
-    with pytest.raises(ConnectionFailed):
-        client.pipeline([Ping(), Rotate("k")])  # a pipeline is never resent with a ROTATE in it
-    assert client.info("k")["latest"] == 2
+    # The same for a pipeline: its first send fails with nothing taken, so even its ROTATE
+    # is sent again (test_pipeline_resends_only_repeatable_requests: once delivered, never).
+    assert client.pipeline([Ping(), Rotate("k")]) == [None, 3]
+    assert client.info("k")["latest"] == 3
 
 
 def test_dead_daemon_is_connection_failed(daemon: Daemon, client: Client) -> None:
@@ -261,22 +264,6 @@ print("stdlib only")
 # ---------------------------------------------------------------------- key life cycle
 
 DAY = 86400
-
-
-@contextlib.contextmanager
-def running(root: Path, *extra_args: str) -> Iterator[Daemon]:
-    """A daemon over a fresh store, started with extra ``kmsd serve`` arguments."""
-    started = make_store(root)
-    started.extra_args = list(extra_args)
-    started.start()
-    try:
-        yield started
-    finally:
-        try:
-            if started.process is not None:
-                started.stop()
-        finally:
-            started.discard()
 
 
 def states(client: Client, key_id: str) -> list[str]:
@@ -449,7 +436,7 @@ def test_usage_counters_survive_a_restart(daemon: Daemon, client: Client) -> Non
 
 
 def test_counters_are_flushed_while_serving(short_tmp: Path) -> None:
-    with running(short_tmp / "d", "--counter-flush-interval", "0.2") as started:
+    with serving(short_tmp / "d", "--counter-flush-interval", "0.2") as started:
         with Client(started.socket_path) as c:
             c.create("flushed")
             c.encrypt("flushed", b"abc")
@@ -463,7 +450,7 @@ def test_counters_are_flushed_while_serving(short_tmp: Path) -> None:
 
 def test_automatic_rotation_and_turning_it_off(short_tmp: Path) -> None:
     with (
-        running(short_tmp / "d", "--rotation-check-interval", "0.2") as started,
+        serving(short_tmp / "d", "--rotation-check-interval", "0.2") as started,
         Client(started.socket_path) as c,
     ):
         c.create("auto", rotate_period=1)
@@ -577,6 +564,153 @@ def test_pipeline_resends_only_repeatable_requests(short_tmp: Path) -> None:
         with Client(path + "2") as c, pytest.raises(ConnectionFailed):
             c.pipeline([Ping(), Rotate("k")])
         assert server.connections == 1
+
+
+def test_pipeline_after_an_idle_close_is_sent_again_even_with_a_rotate(short_tmp: Path) -> None:
+    with (
+        serving(short_tmp / "d", "--idle-timeout", "0.3") as daemon,
+        Client(daemon.socket_path) as c,
+    ):
+        c.create("k")
+        time.sleep(1.0)  # the daemon closes the idle connection
+        assert c.pipeline([Rotate("k"), Ping()]) == [2, None]
+        assert c.info("k")["latest"] == 2
+
+
+def test_an_over_long_request_is_too_long_and_sent_once(short_tmp: Path) -> None:
+    """The daemon answers ERR TOO_LONG and closes while the client is still sending: the
+    reply it left behind is the answer; the request is not sent a second time."""
+    with serving(short_tmp / "d", "--max-line", "4096") as daemon:
+        with Client(daemon.socket_path) as c:
+            c.create("k")
+            for size in (3_500, 2_000_000):  # caught at the end of the line, or while sending
+                with pytest.raises(TooLong):
+                    c.encrypt("k", b"x" * size)
+                assert c.encrypt("k", b"fine")  # and the client goes on, on a new connection
+        stderr = daemon.log.read_text()
+    assert stderr.count('"result":"TOO_LONG"') == 2
+
+
+def test_a_full_daemon_is_unavailable_not_a_broken_connection(short_tmp: Path) -> None:
+    with (
+        serving(short_tmp / "d", "--max-connections", "1") as daemon,
+        Client(daemon.socket_path) as holder,
+    ):
+        holder.ping()
+        for _ in range(20):
+            with Client(daemon.socket_path) as c, pytest.raises(Unavailable):
+                c.ping()
+
+
+def test_a_full_connection_queue_is_waited_on_until_the_timeout(short_tmp: Path) -> None:
+    """A listener that never accepts: once its queue is full, connect() refuses at once
+    (EAGAIN), and the client keeps trying for its timeout instead of failing at once."""
+    path = str(short_tmp / "full.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(0)
+        listener.settimeout(10.0)
+        queued: list[socket.socket] = []
+        while True:  # fill the queue
+            waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            waiting.setblocking(False)
+            try:
+                waiting.connect(path)
+            except BlockingIOError:
+                waiting.close()
+                break
+            queued.append(waiting)
+        started = time.monotonic()
+        with Client(path, timeout=0.5) as c, pytest.raises(Timeout):
+            c.ping()
+        assert time.monotonic() - started >= 0.45
+        # The server starts accepting while the client waits: it gets in and is answered.
+        served: list[socket.socket] = []
+
+        def serve_late() -> None:
+            time.sleep(0.3)
+            for _ in range(len(queued) + 1):
+                conn = listener.accept()[0]
+                conn.sendall(b"OK PONG\n")  # the queued ones never asked: nobody reads it
+                served.append(conn)
+
+        late = threading.Thread(target=serve_late)
+        late.start()
+        with Client(path, timeout=5.0) as c:
+            c.ping()
+        late.join()
+        for conn in [*queued, *served]:
+            conn.close()
+
+
+def test_timeout_covers_the_wait_for_another_threads_call(short_tmp: Path) -> None:
+    path = str(short_tmp / "s.sock")
+
+    def slow(line: bytes) -> bytes:
+        time.sleep(0.6)
+        return b"OK PONG\n"
+
+    with ScriptedServer(path, reply_with(slow)), Client(path, timeout=1.0) as c:
+        outcomes: list[str] = []
+
+        def call() -> None:
+            try:
+                c.ping()
+                outcomes.append("ok")
+            except Timeout:
+                outcomes.append("timeout")
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert time.monotonic() - started < 2.5  # not 4 x 0.6 s in a row
+        assert sorted(outcomes) == ["ok", "timeout", "timeout", "timeout"]
+
+
+def test_close_cuts_a_call_in_flight_in_another_thread(short_tmp: Path) -> None:
+    path = str(short_tmp / "s.sock")
+    with ScriptedServer(path, silent) as server:
+        c = Client(path, timeout=None)
+        failures: list[BaseException] = []
+
+        def stuck() -> None:
+            try:
+                c.rotate("k")
+            except BaseException as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=stuck)
+        thread.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        c.close()
+        assert time.monotonic() - started < 3.0
+        thread.join(5.0)
+        assert not thread.is_alive()
+        assert [type(f) for f in failures] == [ConnectionFailed]
+        assert "may have been applied" in str(failures[0])
+        assert server.connections == 1  # cut, and not reconnected
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda c: c.get(b"k"), id="bytes-key-id"),
+        pytest.param(lambda c: c.get(5), id="int-key-id"),
+        pytest.param(lambda c: c.encrypt("k", "text"), id="str-plaintext"),
+        pytest.param(lambda c: c.create("k", False, "90d"), id="str-period"),
+        pytest.param(lambda c: c.pipeline([Get(b"k")]), id="pipelined-bytes-key-id"),  # type: ignore[arg-type]
+    ],
+)
+def test_an_argument_of_the_wrong_type_is_a_type_error(short_tmp: Path, call: Any) -> None:
+    path = str(short_tmp / "s.sock")
+    with ScriptedServer(path, reply_with(lambda line: b"OK\n")) as server, Client(path) as c:
+        with pytest.raises(TypeError):
+            call(c)
+        assert server.connections == 0  # refused before anything was sent
 
 
 def test_pipeline_with_huge_replies_does_not_deadlock(short_tmp: Path) -> None:
