@@ -12,9 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import select
 import shlex
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +29,10 @@ ARGON2_LANES = 4
 ARGON2_MEMORY_KIB = 64 * 1024
 ARGON2_SALT_SIZE = 16
 DEFAULT_COMMAND_TIMEOUT = 30.0
+#: A KEK file holds 32 bytes or 64 hex characters: a larger one (say /dev/zero) is refused.
+MAX_KEK_FILE_SIZE = 4096
+#: How long a KEK "file" that is a pipe may take to deliver; a regular file reads at once.
+KEK_FILE_TIMEOUT = 10.0
 
 
 class KekError(Exception):
@@ -56,10 +62,7 @@ class KekFile:
         return {"kind": self.kind}
 
     def obtain(self, description: dict[str, Any], store_id: str = "") -> bytearray:
-        try:
-            data = bytearray(self.path.read_bytes())
-        except OSError as exc:
-            raise KekError(f"cannot read KEK file {self.path}: {exc.strerror}") from None
+        data = read_small_file(self.path, MAX_KEK_FILE_SIZE, KEK_FILE_TIMEOUT)
         if len(data) == KEY_SIZE:
             return data
         text = data.strip()
@@ -72,6 +75,57 @@ class KekFile:
             wipe(data)
             wipe(text)
         raise KekError(f"KEK file {self.path} must hold 32 raw bytes or 64 hex characters")
+
+
+def read_small_file(path: Path, limit: int, timeout: float) -> bytearray:
+    """Read ``path`` into a wipeable buffer, refusing more than ``limit`` bytes.
+
+    Never blocks past ``timeout``: the daemon reads a new KEK file for ``REKEY``
+    while every store change waits. Opened non-blocking, a FIFO nobody writes to
+    reads as empty at once, a pipe that stalls is given up, and a device that
+    never ends (``/dev/zero``) is refused at ``limit``. Read straight into the
+    buffer, so no copy of the KEK is left in an immutable ``bytes``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KekError(f"cannot read KEK file {path}: {exc.strerror}") from None
+    except ValueError:  # an embedded NUL
+        raise KekError("cannot read KEK file: its path holds a NUL byte") from None
+    buffer = bytearray(limit + 1)
+    size = 0
+    try:
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        with memoryview(buffer) as view:
+            while size < len(buffer):
+                try:
+                    count = os.readv(fd, [view[size:]])
+                except BlockingIOError:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise KekError(
+                            f"KEK file {path} delivered nothing within {timeout:g} s"
+                        ) from None
+                    poller.poll(remaining * 1000)
+                    continue
+                if not count:
+                    break
+                size += count
+        if size > limit:
+            raise KekError(f"KEK file {path} is larger than {limit} bytes: not a KEK file")
+    except OSError as exc:
+        wipe(buffer)
+        raise KekError(f"cannot read KEK file {path}: {exc.strerror}") from None
+    except BaseException:
+        wipe(buffer)
+        raise
+    finally:
+        os.close(fd)
+    content = buffer[:size]  # a copy, then the read buffer is wiped: shrinking it in
+    wipe(buffer)  # place could leave the KEK behind in memory freed by a realloc
+    return content
 
 
 @dataclass(frozen=True)
@@ -107,6 +161,10 @@ class PassphraseCommand:
             raise KekError(f"passphrase command not found: {argv[0]}") from None
         except PermissionError:
             raise KekError(f"passphrase command is not executable: {argv[0]}") from None
+        except OSError as exc:  # not a program, a path through a file, too long, a loop
+            raise KekError(f"cannot run the passphrase command: {exc.strerror}") from None
+        except ValueError:  # an embedded NUL
+            raise KekError("cannot run the passphrase command: it holds a NUL byte") from None
         try:
             output, _ = child.communicate(timeout=self.timeout)
         except subprocess.TimeoutExpired:

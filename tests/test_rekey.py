@@ -404,6 +404,29 @@ def test_online_rekey_keeps_serving(fresh: KekDaemon) -> None:
         check_via_socket(daemon.socket_path, [*samples, fresh_sample])
 
 
+def test_online_rekey_refuses_every_new_kek_it_cannot_obtain(fresh: KekDaemon) -> None:
+    """Paths and commands that cannot give a KEK are ERR BAD_REQUEST, never INTERNAL, and
+    never hold the store: a FIFO nobody writes to, a device, a NUL, a path through a file."""
+    daemon = fresh
+    fifo = daemon.root / "fifo"
+    os.mkfifo(fifo)
+    arguments = [
+        b"file " + b64(str(fifo).encode()),
+        b"file " + b64(b"/dev/zero"),
+        b"file " + b64(b"a\0b"),
+        b"passphrase " + b64(b"a\0b"),
+        b"passphrase " + b64(b"/etc/passwd/x"),
+        b"passphrase " + b64(b"x" * 5000),
+    ]
+    with running(daemon), Conn(daemon.socket_path) as conn:
+        for argument in arguments:
+            reply = conn.ask(b"REKEY " + argument)
+            assert reply == b"ERR BAD_REQUEST cannot obtain the new KEK; see the daemon log"
+        assert conn.ask(b"CREATE after/refusals") == b"OK 1"
+    assert generations(daemon.store) == ["gen-1"]
+    assert "Traceback" not in daemon.log.read_text()
+
+
 def test_online_rekey_to_a_passphrase_and_back(fresh: KekDaemon) -> None:
     """The daemon obtains the new KEK itself, of either kind; restarts use the new source."""
     daemon = fresh

@@ -11,6 +11,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,10 +27,12 @@ from kms_server.dispatch import Dispatcher
 from kms_server.files import replace_file, write_new_file
 from kms_server.kek import (
     ARGON2_MEMORY_KIB,
+    MAX_KEK_FILE_SIZE,
     KekError,
     KekFile,
     PassphraseCommand,
     obtain_for_store,
+    read_small_file,
 )
 from kms_server.keys import KeyVersion
 from kms_server.store import (
@@ -618,6 +621,39 @@ def test_kek_file_unreadable(tmp_path: Path) -> None:
         KekFile(tmp_path).obtain({"kind": "file"})  # a directory
 
 
+def test_kek_file_that_never_ends_or_never_comes_is_refused_at_once(tmp_path: Path) -> None:
+    """A device or a FIFO nobody writes to must not hang the daemon (a REKEY holds every
+    store change while it reads) nor fill its memory."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero"), Path("/dev/null"), Path("a\0b")):
+        started = time.monotonic()
+        with pytest.raises(KekError):
+            KekFile(path).obtain({"kind": "file"})
+        assert time.monotonic() - started < 3.0, path
+
+
+def test_kek_file_that_is_a_stalled_pipe_is_given_up(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)  # a writer that holds the pipe open and writes nothing
+    try:
+        with pytest.raises(KekError, match=r"delivered nothing within 0\.3 s"):
+            read_small_file(fifo, MAX_KEK_FILE_SIZE, 0.3)
+    finally:
+        os.close(writer)
+    # A writer that writes, then takes a while to close (say a shell's `<(...)`).
+    kek = bytes(range(32)).hex().encode()
+    writer = os.open(fifo, os.O_RDWR)
+    os.write(writer, kek)
+    closing = threading.Timer(0.2, os.close, [writer])
+    closing.start()
+    try:
+        assert read_small_file(fifo, MAX_KEK_FILE_SIZE, 10.0) == kek
+    finally:
+        closing.join()
+
+
 def python_command(code: str) -> str:
     return shlex.join([sys.executable, "-c", code])
 
@@ -653,6 +689,10 @@ def test_passphrase_command_derives_a_stable_kek() -> None:
         pytest.param("/nonexistent/kms-passphrase-helper", id="missing-executable"),
         pytest.param("", id="empty-command"),
         pytest.param("'unbalanced", id="unparsable"),
+        pytest.param("/etc/passwd/x", id="through-a-file"),
+        pytest.param("x" * 5000, id="name-too-long"),
+        pytest.param("a\0b", id="nul"),
+        pytest.param("/dev/null", id="not-a-program"),
     ],
 )
 def test_passphrase_command_failures(command: str) -> None:
