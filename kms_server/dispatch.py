@@ -195,7 +195,9 @@ class Dispatcher:
             "versions": versions,
             "kek": {"source": store.metadata.kek["kind"], "status": self._kek_status()},
         }
-        return json.dumps(document, separators=(",", ":"))
+        # One field on the wire: compact separators leave spaces only inside strings
+        # (a degraded KEK status says why), and there they are escaped.
+        return json.dumps(document, separators=(",", ":")).replace(" ", "\\u0020")
 
     # ----------------------------------------------------------------- writes
 

@@ -734,7 +734,8 @@ def test_cli_keeps_serving_when_openbao_goes_away(
     store = short_tmp / "store"
     flags = transit_flags(cli_bao, token_file)
     assert kmsd("init", "--store", store, *flags, "--transit-key", "kms-root").returncode == 0
-    with Kmsd(short_tmp, store, flags) as daemon, daemon.client() as client:
+    serve_flags = [*flags, "--transit-health-interval", "0.2"]
+    with Kmsd(short_tmp, store, serve_flags) as daemon, daemon.client() as client:
         client.create("app")
         cli_bao.stop()
         ciphertext = client.encrypt("app", b"still here")
@@ -742,6 +743,19 @@ def test_cli_keeps_serving_when_openbao_goes_away(
         key = client.datakey("app")
         assert client.decrypt("app", key.wrapped) == key.key
         assert exchange(daemon.socket, b"PING\n") == b"OK PONG\n"
+        # INFO shows the degraded root, and its JSON stays one field on the wire: the
+        # status text has spaces, escaped as \u0020.
+        deadline = time.monotonic() + 30
+        while True:
+            fields = exchange(daemon.socket, b"INFO app\n").rstrip(b"\n").split(b" ")
+            assert len(fields) == 2, fields
+            assert fields[0] == b"OK", fields
+            status = json.loads(fields[1])["kek"]["status"]
+            if status != "ok" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert status.startswith("degraded: ")
+        assert " " in status.removeprefix("degraded: ")
 
 
 def test_cli_rewrap_after_rotation(cli_bao: DevServer, token_file: Path, short_tmp: Path) -> None:
