@@ -275,6 +275,8 @@ def _resolve(value: object, field: str, lookup: Any, where: _Lines) -> list[int]
         if not isinstance(item, str):
             raise where.error(field, None, f"{field} must hold names or numeric ids")
         resolved = lookup(item)
+        if resolved is None and item.isascii() and item.isdigit():
+            resolved = int(item)  # a numeric id written as a string; names are tried first
         if resolved is None:
             what = "user" if field == "users" else "group"
             raise where.error(field, item, f"unknown {what} {item!r}")

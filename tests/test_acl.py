@@ -165,6 +165,20 @@ def test_parse_resolves_a_named_user_and_group_to_their_ids() -> None:
     assert acl.rules[0].gids == {group.gr_gid}
 
 
+def test_a_numeric_id_written_as_a_string_is_that_id_unless_it_names_someone() -> None:
+    acl = parse(
+        toml(
+            "[[allow]]",
+            'users = ["4242"]',
+            'groups = ["4343"]',
+            'keys = ["*"]',
+            'operations = ["info"]',
+        )
+    )
+    assert acl.rules[0].uids == {4242}
+    assert acl.rules[0].gids == {4343}
+
+
 def test_an_empty_file_is_valid_and_grants_nothing() -> None:
     acl = parse("# nobody may do anything\n")
     assert acl.rules == ()
