@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import select
 import shlex
@@ -19,7 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol, cast
 
 from kms_server.crypto import KEY_SIZE, argon2id, random_bytes, wipe
 
@@ -33,6 +34,8 @@ DEFAULT_COMMAND_TIMEOUT = 30.0
 MAX_KEK_FILE_SIZE = 4096
 #: How long a KEK "file" that is a pipe may take to deliver; a regular file reads at once.
 KEK_FILE_TIMEOUT = 10.0
+#: The longest passphrase a passphrase command may print (its first line).
+MAX_PASSPHRASE_SIZE = 64 << 10
 
 
 class KekError(Exception):
@@ -128,6 +131,49 @@ def read_small_file(path: Path, limit: int, timeout: float) -> bytearray:
     return content
 
 
+def end_session(child: subprocess.Popen[bytes]) -> None:
+    """Kill the command's whole session: a grandchild holding the pipe must not outlive it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+
+
+def first_line_of(output: IO[bytes], deadline: float) -> bytes:
+    """The first line of the child's output (without LF or CRLF), read until end of output.
+
+    Only the first line is kept; the rest is read and dropped, so a command that
+    prints without end (``yes``) costs no memory and meets the deadline
+    (:class:`TimeoutError`). A first line over ``MAX_PASSPHRASE_SIZE`` is refused.
+    """
+    fd = output.fileno()
+    os.set_blocking(fd, False)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    line = b""
+    complete = False
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        if not poller.poll(remaining * 1000):
+            continue
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            return line.removesuffix(b"\r")
+        if not complete:
+            end = chunk.find(b"\n")
+            line += chunk if end < 0 else chunk[:end]
+            complete = end >= 0
+            if len(line) > MAX_PASSPHRASE_SIZE:
+                raise KekError(
+                    "the passphrase command's first line is longer than"
+                    f" {MAX_PASSPHRASE_SIZE} bytes"
+                )
+
+
 @dataclass(frozen=True)
 class PassphraseCommand:
     """Runs a command (no shell) and stretches the first line of its output with Argon2id."""
@@ -165,16 +211,21 @@ class PassphraseCommand:
             raise KekError(f"cannot run the passphrase command: {exc.strerror}") from None
         except ValueError:  # an embedded NUL
             raise KekError("cannot run the passphrase command: it holds a NUL byte") from None
+        output = cast("IO[bytes]", child.stdout)  # stdout=PIPE
+        deadline = time.monotonic() + self.timeout
         try:
-            output, _ = child.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            # Kill the whole session: a grandchild holding the pipe open must not hang us.
-            os.killpg(child.pid, signal.SIGKILL)
-            child.communicate()
+            passphrase = first_line_of(output, deadline)
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except (subprocess.TimeoutExpired, TimeoutError):
+            end_session(child)
             raise KekError(f"passphrase command did not finish within {self.timeout:g} s") from None
+        except BaseException:  # a first line too long, an interrupt
+            end_session(child)
+            raise
+        finally:
+            output.close()
         if child.returncode != 0:
             raise KekError(f"passphrase command exited with status {child.returncode}")
-        passphrase = output.split(b"\n", 1)[0].removesuffix(b"\r")
         if not passphrase:
             raise KekError("passphrase command printed an empty passphrase")
         return passphrase

@@ -733,6 +733,20 @@ def test_hanging_passphrase_command_times_out(command: str) -> None:
     assert time.monotonic() - started < 4.0
 
 
+def test_passphrase_command_that_prints_without_end_keeps_memory_and_deadline() -> None:
+    """`yes` prints forever: only the first line is kept, and the timeout still holds."""
+    started = time.monotonic()
+    with pytest.raises(KekError, match="did not finish"):
+        PassphraseCommand("yes", timeout=1.0).obtain(small_kdf(PassphraseCommand("yes")))
+    assert time.monotonic() - started < 3.0
+    flood = python_command("import sys; sys.stdout.write('x' * (1 << 20))")
+    with pytest.raises(KekError, match="first line is longer"):
+        PassphraseCommand(flood).read_passphrase()
+    # The rest of the output is read and dropped; the first line is the passphrase.
+    chatty = python_command("import sys; sys.stdout.write('words\\r\\n' + 'y' * (1 << 22))")
+    assert PassphraseCommand(chatty).read_passphrase() == b"words"
+
+
 def test_passphrase_obtain_refuses_damaged_kdf_parameters() -> None:
     source = PassphraseCommand(python_command("print('x')"))
     good = small_kdf(source)
