@@ -554,7 +554,34 @@ def _silence_stdout() -> None:
         pass
 
 
-class KmsGroup(click.Group):
+class OneLineUsageGroup(click.Group):
+    """A command group whose usage errors are one line on stderr, like every other error.
+
+    Click would print its usage block (four lines) for an unknown option, a missing
+    argument or a bad value; scripts and ``cluster_key_command`` hooks read one line.
+    ``error_prefix`` starts the line (``kms: `` or ``kmsd: error: ``).
+    """
+
+    error_prefix = "kms: "
+
+    def main(self, *args: Any, **kwargs: Any) -> NoReturn:
+        kwargs["standalone_mode"] = False  # click raises its errors; we print them
+        try:
+            result = super().main(*args, **kwargs)
+        except click.ClickException as problem:
+            message = problem.format_message()
+            context = getattr(problem, "ctx", None)
+            if context is not None:
+                message += f" Try '{context.command_path} --help'."
+            with contextlib.suppress(OSError):
+                click.echo(self.error_prefix + " ".join(message.split()), err=True)
+            sys.exit(problem.exit_code)
+        except click.Abort:  # Ctrl-C at a prompt
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+class KmsGroup(OneLineUsageGroup):
     """Turns every failure into one ``kms: ...`` line and its exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:

@@ -1,4 +1,4 @@
 # `python -m kms_server` runs the `kmsd` command line.
 from kms_server.cli import main
 
-main()
+main(prog_name="kmsd")

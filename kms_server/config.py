@@ -128,10 +128,17 @@ class Settings:
 
 
 def parse_mode(value: object) -> int:
-    """A socket mode from ``"0660"``/``"660"`` (octal text) or an int."""
+    """A socket mode from ``"0660"``/``"660"`` (octal text).
+
+    A TOML number is refused: ``socket_mode = 660`` is decimal 660, which is mode
+    0o1224, and ``440`` would quietly be 0o670, opening the socket to its group.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
-        mode = value
-    elif isinstance(value, str):
+        raise ConfigError(
+            f'socket_mode must be quoted octal text like "0660", not the number {value}'
+            " (a TOML number is decimal)"
+        )
+    if isinstance(value, str):
         try:
             mode = int(value, 8)
         except ValueError:

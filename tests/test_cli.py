@@ -287,7 +287,10 @@ def invoke(args: list[str], stdin: bytes = b"", socket: str = "/nonexistent/kms.
     ],
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:
-    assert invoke(args).exit_code == 2
+    result = invoke(args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("kms: ")
+    assert result.stderr.count("\n") == 1  # one line, not click's usage block
 
 
 @pytest.mark.parametrize(

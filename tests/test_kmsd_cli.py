@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -139,6 +140,19 @@ def test_missing_or_double_kek_source_is_a_usage_error(short_tmp: Path) -> None:
         assert_fails(result, EXIT_CONFIG)
     assert not store.exists()
     assert not os.path.lexists(daemon.socket_path)
+
+
+def test_usage_errors_are_one_line(short_tmp: Path) -> None:
+    results = kmsd_all(
+        ["bogus"],
+        ["init"],
+        ["serve", "--bogus"],
+        ["serve", "--max-line", "many"],
+        ["check-config", "--config"],
+    )
+    for result in results:
+        assert_fails(result, EXIT_CONFIG)
+        assert result.stderr.startswith(b"kmsd: error: ")
 
 
 def test_unreadable_or_malformed_kek_file(short_tmp: Path) -> None:
@@ -281,6 +295,27 @@ def test_serve_store_and_socket_errors(short_tmp: Path) -> None:
 # --------------------------------------------------------------------------- --config
 
 
+def test_a_kek_file_kmsd_may_not_read_is_a_kek_error(short_tmp: Path) -> None:
+    """Root without capabilities (setpriv) cannot read a mode-0000 file, like any user."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux) to drop the capabilities")
+    kek = short_tmp / "kek"
+    write_kek(kek)
+    kek.chmod(0)
+    capless = [setpriv, "--bounding-set=-all", "--inh-caps=-all", "--", *KMSD]
+    store = short_tmp / "store"
+    result = subprocess.run(
+        [*capless, "init", "--store", str(store), "--kek-file", str(kek)],
+        capture_output=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert_fails(result, EXIT_KEK)
+    assert not store.exists()
+
+
 def test_config_file_and_flags_that_override_it(short_tmp: Path) -> None:
     daemon = make_store(short_tmp / "d")
     config_socket = short_tmp / "config.sock"
@@ -338,6 +373,7 @@ def test_config_file_errors(short_tmp: Path) -> None:
         (
             'sockett = "/tmp/typo"\n',
             'max_line = "big"\n',
+            "socket_mode = 440\n",  # a TOML number is decimal: 440 would be 0o670
             "idle_timeout = -1\n",
             "this is not toml\n",
         )
