@@ -69,6 +69,7 @@ from kms_client.sync import (
     closed_in_flight,
     collect_replies,
     connection_broken,
+    ended_by_too_long,
     expect_idle,
     next_reply_line,
     pipeline_broken,
@@ -216,6 +217,7 @@ class AsyncClient:
             closes = self._closes
             retried = False
             while True:
+                answered = len(results)
                 try:
                     await self._pipeline_attempt(requests, lines, results)
                     break
@@ -224,6 +226,8 @@ class AsyncClient:
                     self._check_not_closed(
                         closes, broken, all(request.repeatable for request in pending)
                     )
+                    if ended_by_too_long(results, answered):
+                        continue
                     failure = pipeline_broken(requests, len(results), broken.delivered, retried)
                     if failure is not None:
                         raise failure from broken

@@ -210,6 +210,17 @@ def closed_in_flight(repeatable: bool, broken: BrokenConnection) -> ConnectionFa
     return ConnectionFailed(text)
 
 
+def ended_by_too_long(results: Sequence[Any], answered: int) -> bool:
+    """Whether this attempt's connection ended with an ``ERR TOO_LONG`` reply.
+
+    The daemon closes a connection right after that reply and runs nothing past
+    the over-long line, so the rest of the batch goes out on a new connection,
+    whatever it holds, without using up the one retry (each such attempt answers
+    one request at least).
+    """
+    return len(results) > answered and isinstance(results[-1], TooLong)
+
+
 def pipeline_broken(
     requests: Sequence[Request[Any]], answered: int, delivered: int | None, retried: bool
 ) -> ConnectionFailed | None:
@@ -355,8 +366,10 @@ class Client:
         failures (``ConnectionFailed``, ``Timeout``, ``ProtocolViolation``) are
         raised; a dead connection is replaced once, and the unanswered requests
         sent again, if every one of them the daemon may have read is repeatable
-        (a line the kernel never took whole cannot have been). Invalid key ids
-        raise ``BadKeyId`` before anything is sent.
+        (a line the kernel never took whole cannot have been). A connection the
+        daemon ends after ``ERR TOO_LONG`` (it runs nothing past that line) is
+        replaced as often as that happens. Invalid key ids raise ``BadKeyId``
+        before anything is sent.
 
         Sending and receiving are interleaved with a selector, so a batch whose
         replies outgrow the socket buffers cannot deadlock. ``timeout`` here bounds
@@ -370,6 +383,7 @@ class Client:
             closes = self._closes
             retried = False
             while True:
+                answered = len(results)
                 try:
                     self._pipeline_attempt(requests, lines, results)
                     break
@@ -378,6 +392,8 @@ class Client:
                     if self._closes != closes:
                         repeatable = all(request.repeatable for request in pending)
                         raise closed_in_flight(repeatable, broken) from broken
+                    if ended_by_too_long(results, answered):
+                        continue
                     failure = pipeline_broken(requests, len(results), broken.delivered, retried)
                     if failure is not None:
                         raise failure from broken

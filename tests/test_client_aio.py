@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from pathlib import Path
+from types import NoneType
 from typing import Any
 
 import pytest
@@ -467,3 +468,22 @@ async def test_timeout_covers_the_wait_for_other_tasks_calls(short_tmp: Path) ->
                     nursery.start_soon(call, n == 3)
             assert trio.current_time() - started < 2.5  # not 4 x 0.6 s in a row
             assert sorted(outcomes) == ["ok", "timeout", "timeout", "timeout"]
+
+
+async def test_a_pipeline_goes_on_after_each_too_long(short_tmp: Path) -> None:
+    big = b"x" * 4_000
+    with serving(short_tmp / "d", "--max-line", "4096") as daemon:
+        async with AsyncClient(daemon.socket_path) as c:
+            await c.create("k")
+            results = await c.pipeline(
+                [
+                    Encrypt("k", b"a"),
+                    Encrypt("k", big),
+                    Encrypt("k", b"b"),
+                    Rotate("k"),
+                    Encrypt("k", big),
+                    Ping(),
+                ]
+            )
+    assert [type(result) for result in results] == [bytes, TooLong, bytes, int, TooLong, NoneType]
+    assert results[3] == 2

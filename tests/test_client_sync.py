@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import NoneType
 from typing import Any
 
 import pytest
@@ -589,6 +590,24 @@ def test_an_over_long_request_is_too_long_and_sent_once(short_tmp: Path) -> None
                 assert c.encrypt("k", b"fine")  # and the client goes on, on a new connection
         stderr = daemon.log.read_text()
     assert stderr.count('"result":"TOO_LONG"') == 2
+
+
+def test_a_pipeline_goes_on_after_each_too_long(short_tmp: Path) -> None:
+    big = b"x" * 4_000
+    with serving(short_tmp / "d", "--max-line", "4096") as daemon, Client(daemon.socket_path) as c:
+        c.create("k")
+        results = c.pipeline(
+            [
+                Encrypt("k", b"a"),
+                Encrypt("k", big),
+                Encrypt("k", b"b"),
+                Rotate("k"),
+                Encrypt("k", big),
+                Ping(),
+            ]
+        )
+    assert [type(result) for result in results] == [bytes, TooLong, bytes, int, TooLong, NoneType]
+    assert results[3] == 2
 
 
 def test_a_full_daemon_is_unavailable_not_a_broken_connection(short_tmp: Path) -> None:
