@@ -212,8 +212,10 @@ def restore(archive_path: Path, store_dir: Path) -> StoreMetadata:
         raise StoreError(f"{store_dir} is not empty; restore needs an empty directory")
     try:
         files = _read_backup(archive_path)
-    except (OSError, tarfile.TarError) as exc:
-        raise StoreError(f"cannot read backup {archive_path}: {exc}") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read backup {archive_path}: {exc.strerror or exc}") from None
+    except tarfile.TarError:  # its text lists every compression it tried, one per line
+        raise StoreError(f"cannot read backup {archive_path}: not a kmsd backup archive") from None
     if METADATA_NAME not in files:
         raise StoreError(f"backup {archive_path} holds no store metadata")
     metadata = StoreMetadata.from_json(files[METADATA_NAME])

@@ -214,6 +214,8 @@ def test_restore_refuses_a_non_empty_directory_and_bad_archives(
         ["restore", "--in", archive, "--store", empty],
     )
     assert [result.returncode for result in results] == [EXIT_STORE] * 6 + [EXIT_OK]
+    for refused in results[:6]:
+        assert refused.stderr.count(b"\n") == 1, refused.stderr  # one line each
     assert sorted(os.listdir(occupied)) == ["precious"]
     assert (occupied / "precious").read_bytes() == b"keep me"
     assert not (short_tmp / "escaped").exists()
