@@ -29,7 +29,7 @@ from typing import Any, Self, TypeVar
 
 import trio
 
-from kms_client.errors import ConnectionFailed, KmsError, ProtocolViolation, Timeout
+from kms_client.errors import ConnectionFailed, KmsError, Timeout
 from kms_client.protocol import (
     DEFAULT_DATAKEY_BYTES,
     Configure,
@@ -53,7 +53,6 @@ from kms_client.protocol import (
     Retire,
     Rewrap,
     Rotate,
-    parse_response,
 )
 from kms_client.sync import (
     CONNECT_RETRY_FIRST,
@@ -75,7 +74,7 @@ from kms_client.sync import (
     pipeline_broken,
     rewrap_total,
     rewrapped,
-    settle,
+    settle_reply,
 )
 
 R = TypeVar("R")
@@ -185,13 +184,7 @@ class AsyncClient:
             async with self._lock:  # waiting for other tasks' calls counts against the timeout
                 closes = self._closes
                 reply = await self._round_trip(request, line, closes)
-                try:
-                    result = settle(request, parse_response(reply))
-                except ProtocolViolation:
-                    self._drop()
-                    raise
-                if isinstance(request, Quit):
-                    self._drop()
+                result = settle_reply(request, reply, self._drop)
         if scope.cancelled_caught:
             raise Timeout()
         if isinstance(result, KmsError):

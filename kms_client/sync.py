@@ -182,6 +182,18 @@ def settle(request: Request[R], response: Response) -> R | KmsError:
     return request.parse_reply(response)
 
 
+def settle_reply(request: Request[R], reply: bytes, drop: Callable[[], None]) -> R | KmsError:
+    """:func:`settle` a reply line; a protocol violation or a ``QUIT`` ends the connection."""
+    try:
+        result = settle(request, parse_response(reply))
+    except ProtocolViolation:
+        drop()
+        raise
+    if isinstance(request, Quit):
+        drop()
+    return result
+
+
 def rewrap_total(ciphertexts: object) -> int | None:
     """How many ciphertexts ``rewrap_many`` will see, when the input says (a list does)."""
     return len(ciphertexts) if isinstance(ciphertexts, Sized) else None
@@ -346,13 +358,7 @@ class Client:
                     if self._closes != closes:
                         raise closed_in_flight(request.repeatable, again) from again
                     raise connection_broken(request, again.sent, True) from again
-            try:
-                result = settle(request, parse_response(reply))
-            except ProtocolViolation:
-                self._drop()
-                raise
-            if isinstance(request, Quit):
-                self._drop()
+            result = settle_reply(request, reply, self._drop)
         if isinstance(result, KmsError):
             raise result
         return result

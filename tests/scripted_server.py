@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 
@@ -133,3 +134,58 @@ class ScriptedServer:
         finally:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
+
+
+class FullQueueListener:
+    """A listening socket whose queue is full and which accepts nobody (yet).
+
+    A Unix socket then refuses a connect() at once (``EAGAIN``), unlike TCP. After
+    :meth:`serve_late` it starts, 0.3 s later, accepting every waiting connection
+    and answering each with ``OK PONG``, so a client that kept trying gets in.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(0)
+        self.listener.settimeout(10.0)
+        self.queued: list[socket.socket] = []
+        self.served: list[socket.socket] = []
+        self._late: threading.Thread | None = None
+        while True:
+            waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            waiting.setblocking(False)
+            try:
+                waiting.connect(path)
+            except BlockingIOError:
+                waiting.close()
+                break
+            self.queued.append(waiting)
+
+    def __enter__(self) -> FullQueueListener:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._late is not None:
+            self._late.join()
+        for conn in [*self.queued, *self.served]:
+            conn.close()
+        self.listener.close()
+
+    def serve_late(self) -> None:
+        """Accept the queued connections and one more (the client's), 0.3 s from now."""
+
+        def accept_all() -> None:
+            time.sleep(0.3)
+            for _ in range(len(self.queued) + 1):
+                conn = self.listener.accept()[0]
+                conn.sendall(b"OK PONG\n")  # the queued ones never asked: nobody reads it
+                self.served.append(conn)
+
+        self._late = threading.Thread(target=accept_all)
+        self._late.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
@@ -35,6 +34,7 @@ from kms_client.aio import AsyncClient as DirectAsyncClient
 from kms_client.protocol import Decrypt, Encrypt, Get, Ping, Request, Rotate
 from tests.conftest import Daemon, serving
 from tests.scripted_server import (
+    FullQueueListener,
     ScriptedServer,
     hang_up_after_request,
     hang_up_first_then,
@@ -408,40 +408,14 @@ async def test_pipeline_after_an_idle_close_is_sent_again_even_with_a_rotate(
 async def test_a_full_connection_queue_is_waited_on_until_the_timeout(short_tmp: Path) -> None:
     """trio's own connect takes a refused one (EAGAIN) for a connected socket: ours retries."""
     path = str(short_tmp / "full.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(path)
-        listener.listen(0)
-        listener.settimeout(10.0)
-        queued: list[socket.socket] = []
-        while True:  # fill the queue
-            waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            waiting.setblocking(False)
-            try:
-                waiting.connect(path)
-            except BlockingIOError:
-                waiting.close()
-                break
-            queued.append(waiting)
+    with FullQueueListener(path) as listener:
         started = trio.current_time()
         with pytest.raises(Timeout):
             await AsyncClient.connect(path, timeout=0.5)
         assert trio.current_time() - started >= 0.45
-        served: list[socket.socket] = []
-
-        def serve_late() -> None:
-            time.sleep(0.3)
-            for _ in range(len(queued) + 1):
-                conn = listener.accept()[0]
-                conn.sendall(b"OK PONG\n")  # the queued ones never asked: nobody reads it
-                served.append(conn)
-
-        late = threading.Thread(target=serve_late)
-        late.start()
+        listener.serve_late()
         async with AsyncClient(path, timeout=5.0) as c:
             await c.ping()
-        late.join()
-        for conn in [*queued, *served]:
-            conn.close()
 
 
 async def test_timeout_covers_the_wait_for_other_tasks_calls(short_tmp: Path) -> None:

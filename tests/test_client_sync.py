@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from kms_client.protocol import Decrypt, Encrypt, Get, Ping, Rekey, Request, Rot
 from kms_server.crypto import random_bytes
 from tests.conftest import Daemon, serving
 from tests.scripted_server import (
+    FullQueueListener,
     ScriptedServer,
     hang_up_after_request,
     hang_up_first_then,
@@ -625,41 +625,14 @@ def test_a_full_connection_queue_is_waited_on_until_the_timeout(short_tmp: Path)
     """A listener that never accepts: once its queue is full, connect() refuses at once
     (EAGAIN), and the client keeps trying for its timeout instead of failing at once."""
     path = str(short_tmp / "full.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(path)
-        listener.listen(0)
-        listener.settimeout(10.0)
-        queued: list[socket.socket] = []
-        while True:  # fill the queue
-            waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            waiting.setblocking(False)
-            try:
-                waiting.connect(path)
-            except BlockingIOError:
-                waiting.close()
-                break
-            queued.append(waiting)
+    with FullQueueListener(path) as listener:
         started = time.monotonic()
         with Client(path, timeout=0.5) as c, pytest.raises(Timeout):
             c.ping()
         assert time.monotonic() - started >= 0.45
-        # The server starts accepting while the client waits: it gets in and is answered.
-        served: list[socket.socket] = []
-
-        def serve_late() -> None:
-            time.sleep(0.3)
-            for _ in range(len(queued) + 1):
-                conn = listener.accept()[0]
-                conn.sendall(b"OK PONG\n")  # the queued ones never asked: nobody reads it
-                served.append(conn)
-
-        late = threading.Thread(target=serve_late)
-        late.start()
+        listener.serve_late()  # the server starts accepting while the client waits
         with Client(path, timeout=5.0) as c:
             c.ping()
-        late.join()
-        for conn in [*queued, *served]:
-            conn.close()
 
 
 def test_timeout_covers_the_wait_for_another_threads_call(short_tmp: Path) -> None:
