@@ -343,7 +343,8 @@ class Client:
         """
         line = check_request(request)
         deadline = self._deadline()
-        with self._locked(deadline):
+        self._acquire(deadline)
+        try:
             closes = self._closes
             try:
                 reply = self._exchange(line, deadline)
@@ -359,6 +360,8 @@ class Client:
                         raise closed_in_flight(request.repeatable, again) from again
                     raise connection_broken(request, again.sent, True) from again
             result = settle_reply(request, reply, self._drop)
+        finally:
+            self._lock.release()
         if isinstance(result, KmsError):
             raise result
         return result
@@ -385,7 +388,8 @@ class Client:
         results: list[Any] = []
         if not requests:
             return results
-        with self._locked(self._deadline()):
+        self._acquire(self._deadline())
+        try:
             closes = self._closes
             retried = False
             while True:
@@ -406,6 +410,8 @@ class Client:
                     retried = True
             if any(isinstance(request, Quit) for request in requests):
                 self._drop()
+        finally:
+            self._lock.release()
         return results
 
     # ------------------------------------------------------------------ verbs
@@ -526,16 +532,15 @@ class Client:
     def _deadline(self) -> float | None:
         return None if self.timeout is None else time.monotonic() + self.timeout
 
-    @contextlib.contextmanager
-    def _locked(self, deadline: float | None) -> Iterator[None]:
-        """Hold the connection, waiting for other threads' calls until ``deadline`` at most."""
+    def _acquire(self, deadline: float | None) -> None:
+        """Take the connection, waiting for other threads' calls until ``deadline`` at most.
+
+        The caller releases ``_lock`` in a ``finally``: a generator context manager
+        here cost 1.6 us a call, 4-5% of a round trip.
+        """
         wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._lock.acquire(timeout=wait):
             raise Timeout("timed out waiting for this client's other calls to finish")
-        try:
-            yield
-        finally:
-            self._lock.release()
 
     @staticmethod
     def _remaining(deadline: float | None) -> float | None:
