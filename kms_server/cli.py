@@ -6,8 +6,8 @@ Exit codes: 0 success; 1 unexpected error; 2 usage or configuration error;
 3 store error (missing, damaged, locked, wrong KEK); 4 KEK source error (file
 unreadable, passphrase command failed, Transit refused or unreachable within
 --transit-start-timeout); 5 socket error (path taken by a live
-daemon or a non-socket file, cannot bind); 6 `verify` found damage; 7 the running
-daemon refused a request (`rekey` through the socket).
+daemon or a non-socket file, cannot bind); 6 `verify` found damage; 7 `rekey`
+through the running daemon refused or cut short (the message says which).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import click
 import trio
 
 from kms_client.cli import OneLineUsageGroup
-from kms_client.errors import KmsError
+from kms_client.errors import ConnectionFailed, KmsError, Timeout
 from kms_client.protocol import Rekey
 from kms_client.sync import Client
 from kms_server import __version__, maintenance, systemd
@@ -670,6 +670,8 @@ def rekey_through_daemon(socket_path: Path, source: KekSource) -> int:
     try:
         with Client(socket_path, timeout=600.0) as client:
             return client.call(request)
+    except (ConnectionFailed, Timeout) as error:  # not a refusal: it may have been applied
+        fail(f"the rekey through the daemon did not complete: {error}", EXIT_REFUSED)
     except KmsError as error:
         fail(f"the daemon refused the rekey: {error}", EXIT_REFUSED)
 

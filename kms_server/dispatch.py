@@ -229,21 +229,23 @@ class Dispatcher:
 
     async def _create(self, request: Create, run_blocking: ThreadRunner[Any]) -> Reply:
         store = self.store
-        if store.exists(request.key_id):
+        if store.exists(request.key_id) and not store.cut_short(request.key_id):
             raise KeyExists()
         state = KeyState(rotate_period=request.rotate_period)
         rotation = dict(store.rotation)
+        rotation.pop(request.key_id, None)  # an entry a CREATE cut short left behind
         if request.rotate_period is not None:
             rotation[request.key_id] = request.rotate_period
+        index_changes = rotation != store.rotation
 
         def write() -> KeyVersion:
+            # Rotation index, state, version file: a crash between two steps leaves an
+            # index entry or a state file for a key that does not exist yet, which a
+            # retried CREATE overwrites, never a key that exists without them.
             with store.write_lock():
-                opened = store.write_version(request.key_id, 1, request.exportable)
-                state.usage[1] = opened.usage
-                store.write_state(request.key_id, state)
-                if request.rotate_period is not None:
+                if index_changes:
                     store.write_rotation(rotation)
-            return opened
+                return store.write_version(request.key_id, 1, request.exportable, state)
 
         opened: KeyVersion = await run_blocking(write)
         record = store.add(opened, request.rotate_period)

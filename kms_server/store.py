@@ -482,6 +482,8 @@ class KeyStore:
             for name in remove_other_generations(store_dir):
                 log.info("removed %s: left by an interrupted or finished rekey", name)
             self.generation = live_generation(store_dir)
+            # A crash mid-write of the rotation index leaves its temporary file here.
+            remove_stale_temporaries(self.generation, os.listdir(self.generation))
             self.sealer = Sealer(kek, self.metadata.store_id)
             self._clock = clock
             self._cache: OrderedDict[str, KeyRecord] = OrderedDict()
@@ -542,15 +544,46 @@ class KeyStore:
         files = sorted(
             int(match.group(1)) for name in names if (match := _KEY_FILE_RE.fullmatch(name))
         )
-        state = KeyState()
-        if STATE_NAME in names:
-            path = directory / STATE_NAME
-            state = KeyState.from_document(
-                self.sealer.open_document(b"state", key_id, path.read_bytes(), path)
-            )
-        if not files and not state.usage:
+        if not files and STATE_NAME not in names:
             return None
+        if files and STATE_NAME not in names:
+            # CREATE writes the state file first, so only a deletion takes it away, and
+            # with it every RETIRE and DESTROY: serving the key would undo them.
+            log.error("key %s: its state file is missing: refusing to serve it", key_id)
+            raise KeyFileDamaged()
+        path = directory / STATE_NAME
+        state = KeyState.from_document(
+            self.sealer.open_document(b"state", key_id, path.read_bytes(), path)
+        )
+        leftovers = [
+            number
+            for number in files
+            if (usage := state.usage.get(number)) is not None and usage.state == DESTROYED
+        ]
+        if leftovers:  # a DESTROY cut short after its state was written: finish it
+            for number in leftovers:
+                with contextlib.suppress(FileNotFoundError):
+                    (directory / file_name(number)).unlink()
+                log.info("key %s: erased version %d, destroyed before a crash", key_id, number)
+            fsync_directory(directory)
+            files = [number for number in files if number not in leftovers]
         return KeyRecord(key_id, files, state)
+
+    def cut_short(self, key_id: str) -> bool:
+        """Whether ``key_id`` is only the state file of a CREATE that a crash cut short.
+
+        CREATE writes the state (version 1, never used) before the version file. A
+        key whose files were deleted looks the same once its state names nothing
+        else: a CREATE may replace either, which loses nothing.
+        """
+        record = self._cache.get(key_id) or self._scan(key_id)
+        if record is None or record.files or set(record.state.usage) != {1}:
+            return False
+        usage = record.state.usage[1]
+        if usage.encryptions or usage.decryptions or usage.bytes or usage.state != ACTIVE:
+            return False
+        self._cache.pop(key_id, None)  # the CREATE about to run publishes a fresh record
+        return True
 
     def record(self, key_id: str) -> KeyRecord:
         """The cached record of ``key_id``, listing its directory on a miss."""
@@ -645,20 +678,34 @@ class KeyStore:
 
     # ----------------------------------------------------------------- writing (worker thread)
 
-    def write_version(self, key_id: str, version: int, exportable: bool) -> KeyVersion:
+    def write_version(
+        self, key_id: str, version: int, exportable: bool, state: KeyState | None = None
+    ) -> KeyVersion:
         """Seal fresh material as a new version file. Blocking (fsync): run in a worker thread.
 
         Touches no cache state, so it is safe beside the event loop; the caller
         publishes the result with :meth:`add` once back on the loop.
-        Raises :class:`KeyExists` if that version's file already exists.
+        Raises :class:`KeyExists` if that version's file already exists. Version 1
+        makes a key: its state file (``state``, with this version in it; a fresh one
+        when not given) is written first, so a key's version files never exist
+        without its state file, and a missing one can only be a deletion (see
+        :meth:`_scan`).
         """
         directory = self.key_directory(key_id)
         make_private_dirs(directory, self.generation / KEYS_DIR)
+        path = directory / file_name(version)
+        new_key = version == 1
+        if new_key and path.exists():
+            raise KeyExists()  # never overwrite the state of a key that exists
         material = bytearray(random_bytes(KEY_SIZE))
         opened = KeyVersion(key_id, version, self._clock(), exportable, material)
         opened.usage.created = opened.created  # the caller puts this usage in the state file
+        if new_key:
+            state = KeyState() if state is None else state
+            state.usage[version] = opened.usage
+            self.write_state(key_id, state)
         try:
-            write_new_file(directory / file_name(version), self.sealer.seal_key_file(opened))
+            write_new_file(path, self.sealer.seal_key_file(opened))
         except FileExistsError:
             opened.wipe()
             raise KeyExists() from None

@@ -26,14 +26,17 @@ import pytest
 
 from kms_server.store import (
     KEYS_DIR,
+    ROTATION_NAME,
+    STATE_NAME,
     WRITE_LOCK_NAME,
     live_generation,
 )
-from tests.conftest import Daemon, make_store
+from tests.conftest import Daemon, kmsd, make_store
 from tests.test_acl import acl_text
 from tests.users import Conn, b64, code_of, running, wait_for
 
 UID = os.getuid()
+EXIT_DAMAGED = 6
 FAST_FLUSH = ["--counter-flush-interval", "0.5", "--rotation-check-interval", "0.5"]
 
 
@@ -491,28 +494,99 @@ def test_an_acknowledged_state_change_survives_a_concurrent_counter_flush(
             assert version_entry(info(conn, b"fl/destroy"), 1)["state"] == "destroyed"
 
 
-def test_a_destroy_interrupted_before_its_unlink_is_finished_by_repeating_it(
+def test_a_destroy_interrupted_before_its_unlink_is_finished_when_the_key_is_read(
     daemon: Daemon,
 ) -> None:
     """DESTROY writes the state "destroyed" durably, then unlinks the sealed file. A crash
     between the two leaves the file (reproduced here exactly: SIGKILL, file put back).
-    Repeating DESTROY, the operator's only recourse, must then remove it: the material
-    must not outlive an acknowledged crypto-shredding in the store, a rekey or a backup."""
+    The daemon finishes the job the first time it reads the key, whatever the request:
+    the material must not outlive an acknowledged crypto-shredding in the store, a rekey
+    or a backup. Repeating DESTROY also removes it."""
     with Conn(daemon.socket_path) as conn:
         assert ok(conn, b"CREATE sh/k") == b"1"
         assert ok(conn, b"ROTATE sh/k") == b"2"
-    path = key_file(daemon, "sh/k", 1)
-    sealed = path.read_bytes()
+        assert ok(conn, b"CREATE sh/again") == b"1"
+        assert ok(conn, b"ROTATE sh/again") == b"2"
+    paths = [key_file(daemon, key_id, 1) for key_id in ("sh/k", "sh/again")]
+    sealed = [path.read_bytes() for path in paths]
     with Conn(daemon.socket_path) as conn:
         assert ok(conn, b"DESTROY sh/k 1") == b""
+        assert ok(conn, b"DESTROY sh/again 1") == b""
     daemon.stop(signal.SIGKILL)
-    path.write_bytes(sealed)  # the unlink the crash prevented
-    path.chmod(0o600)
+    for path, data in zip(paths, sealed, strict=True):
+        path.write_bytes(data)  # the unlink the crash prevented
+        path.chmod(0o600)
     daemon.start()
     with Conn(daemon.socket_path) as conn:
         assert version_entry(info(conn, b"sh/k"), 1)["state"] == "destroyed"
-        assert conn.ask(b"DESTROY sh/k 1") == b"OK"
-    assert not path.exists(), "the destroyed version's sealed material is still on disk"
+        assert not paths[0].exists(), "the destroyed version's sealed material is still on disk"
+        assert paths[1].exists()  # a key not read yet: the daemon lists keys lazily
+        assert conn.ask(b"DESTROY sh/again 1") == b"OK"
+    assert not paths[1].exists()
+
+
+def test_a_deleted_state_file_is_damage_not_a_fresh_start(daemon: Daemon) -> None:
+    """The state file holds every RETIRE: without it the key must not be served as new."""
+    with Conn(daemon.socket_path) as conn:
+        assert ok(conn, b"CREATE st/k") == b"1"
+        ciphertext = enc(conn, b"st/k", b"old row")
+        assert ok(conn, b"ROTATE st/k") == b"2"
+        assert ok(conn, b"RETIRE st/k 1") == b""
+    daemon.stop()
+    (key_file(daemon, "st/k", 1).parent / STATE_NAME).unlink()
+    verified = kmsd("verify", "--store", daemon.store, "--kek-file", daemon.kek_file)
+    assert verified.returncode == EXIT_DAMAGED
+    assert b"state file missing" in verified.stdout + verified.stderr
+    daemon.start()
+    with Conn(daemon.socket_path) as conn:
+        assert err(conn, dec_line(b"st/k", ciphertext)) == "INTERNAL"
+        assert err(conn, b"INFO st/k") == "INTERNAL"
+        assert err(conn, b"CREATE st/k") == "INTERNAL"  # damaged, never overwritten
+
+
+def test_a_create_cut_short_leaves_nothing_a_new_create_cannot_replace(short_tmp: Path) -> None:
+    """CREATE writes the rotation index, then the state, then the version file. What a
+    crash between them leaves (reproduced by removing what the later steps wrote) is not
+    a key, and a new CREATE, even without the period, replaces it."""
+    daemon = make_store(short_tmp / "d")
+    daemon.extra_args = list(FAST_FLUSH)
+    with running(daemon):
+        with Conn(daemon.socket_path) as conn:
+            assert ok(conn, b"CREATE cs/state-only rotate=1s") == b"1"
+            assert ok(conn, b"CREATE cs/index-only rotate=1s") == b"1"
+        daemon.stop(signal.SIGKILL)
+        key_file(daemon, "cs/state-only", 1).unlink()
+        index_only = key_file(daemon, "cs/index-only", 1).parent
+        for path in index_only.iterdir():
+            path.unlink()
+        index_only.rmdir()
+        stale = live_generation(daemon.store) / ".tmp-1-rotation.seal-0123"
+        stale.write_bytes(b"half a rotation index")
+        daemon.start()
+        assert not stale.exists()  # a temporary of a dead writer
+        with Conn(daemon.socket_path) as conn:
+            assert err(conn, b"ENC cs/index-only " + b64(b"x")) == "NOT_FOUND"
+            assert ok(conn, b"CREATE cs/state-only") == b"1"
+            assert ok(conn, b"CREATE cs/index-only") == b"1"
+            time.sleep(2.5)  # past the period the cut-short CREATEs asked for
+            for key_id in (b"cs/state-only", b"cs/index-only"):
+                document = info(conn, key_id)
+                assert document["latest"] == 1, document  # no period: never rotated
+                assert document["rotate_period"] is None
+                assert version_entry(document, 1)["state"] == "active"
+
+
+def test_verify_finds_a_rotation_index_out_of_step_with_the_states(short_tmp: Path) -> None:
+    daemon = make_store(short_tmp / "d")
+    with running(daemon), Conn(daemon.socket_path) as conn:
+        assert ok(conn, b"CREATE rv/k rotate=20s") == b"1"
+        assert ok(conn, b"CREATE rv/other") == b"1"
+    (live_generation(daemon.store) / ROTATION_NAME).unlink()
+    verified = kmsd("verify", "--store", daemon.store, "--kek-file", daemon.kek_file)
+    assert verified.returncode == EXIT_DAMAGED
+    report = (verified.stdout + verified.stderr).decode()
+    assert "rv/k" in report
+    assert "rotation period 20s in its state, off in rotation.seal" in report
 
 
 def latest_of(conn: Conn, key_id: bytes) -> int:
