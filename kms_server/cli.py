@@ -462,18 +462,28 @@ def serve_store(
             store, __version__, rekeyer, (lambda: watch.status) if watch else (lambda: "ok")
         )
         server = Server(dispatcher, listener, settings.limits(), access, audit)
-        store.announce(settings.socket)
-        log.info(
-            "serving store %s on %s (mode %04o), KEK source: %s",
-            settings.store,
-            settings.socket,
-            settings.socket_mode,
-            store.metadata.kek["kind"],
-        )
-        announce_access(access)
+        # Where clients (and `kmsd rekey`) reach us: a socket systemd passed is wherever
+        # its ListenStream= put it, whatever our configuration says.
+        serving = Path(listener.getsockname()) if inherited else settings.socket
+        store.announce(serving)
         if inherited:
-            log.info("serving the socket systemd passed (socket activation)")
-        trio.run(run, server, f"store {settings.store} on {settings.socket}")
+            log.info(
+                "serving store %s on %s, the socket systemd passed (its mode is"
+                " systemd's: SocketMode=), KEK source: %s",
+                settings.store,
+                serving,
+                store.metadata.kek["kind"],
+            )
+        else:
+            log.info(
+                "serving store %s on %s (mode %04o), KEK source: %s",
+                settings.store,
+                serving,
+                settings.socket_mode,
+                store.metadata.kek["kind"],
+            )
+        announce_access(access)
+        trio.run(run, server, f"store {settings.store} on {serving}")
     finally:
         if watch is not None:
             watch.stop()

@@ -59,6 +59,12 @@ def inherited_listener() -> socket.socket | None:
     if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
         listener.detach()
         raise ActivationError("systemd passed a socket that is not an AF_UNIX stream socket")
+    if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        listener.detach()
+        raise ActivationError(
+            "systemd passed a socket that is not listening (a connection: Accept=yes?);"
+            " kmsd needs the listening socket (Accept=no)"
+        )
     os.set_inheritable(fd, False)
     return listener
 

@@ -207,3 +207,98 @@ def test_request_in_flight_at_sigterm_gets_its_answer(
         replies = b"".join(iter(lambda: conn.recv(65536), b"")).splitlines()
     assert replies == [f"OK {n}".encode() for n in range(2, 22)] + [b"OK PONG"]
     assert process.wait(20) == 0
+
+
+def test_the_socket_systemd_passed_is_the_one_announced_whatever_the_config_says(
+    short_tmp: Path,
+) -> None:
+    """`kmsd rekey` finds a serving daemon through the path in the store's lock file: it
+    must be where ListenStream= put the socket, not the config's `socket`."""
+    if shutil.which("systemd-socket-activate") is None:
+        pytest.skip("systemd-socket-activate comes with Debian's systemd package")
+    daemon = make_store(short_tmp / "d")
+    real = short_tmp / "real.sock"
+    process = subprocess.Popen(
+        [
+            "systemd-socket-activate",
+            "--listen",
+            str(real),
+            str(KMSD),
+            "serve",
+            "--store",
+            str(daemon.store),
+            "--kek-file",
+            str(daemon.kek_file),
+            "--socket",
+            str(short_tmp / "configured.sock"),
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not real.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ask(real, b"PING\n") == b"OK PONG\n"
+        assert (daemon.store / ".lock").read_text().strip() == str(real)
+        new_kek = short_tmp / "new-kek"
+        new_kek.write_text(os.urandom(32).hex())
+        new_kek.chmod(0o600)
+        rekey = subprocess.run(
+            [str(KMSD), "rekey", "--store", str(daemon.store), "--new-kek-file", str(new_kek)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert rekey.returncode == 0, rekey.stderr  # done online, through the real socket
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+
+
+#: Puts descriptor argv[1] on fd 3 and execs argv[2:] as systemd would (same pid).
+LAUNCH_ON_FD_3 = """
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def test_a_passed_socket_that_is_not_listening_is_refused_at_start(short_tmp: Path) -> None:
+    """Accept=yes passes a connection, not the listening socket: one line, exit 5, never
+    READY=1 and a traceback at the first accept."""
+    daemon = make_store(short_tmp / "d")
+    listener = NotifyListener(short_tmp / "notify.sock")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                LAUNCH_ON_FD_3,
+                str(theirs.fileno()),
+                str(KMSD),
+                "serve",
+                "--store",
+                str(daemon.store),
+                "--kek-file",
+                str(daemon.kek_file),
+                "--socket",
+                str(short_tmp / "kms.sock"),
+            ],
+            pass_fds=(theirs.fileno(),),
+            env={**os.environ, "NOTIFY_SOCKET": str(listener.path)},
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 5, result.stderr
+        assert result.stderr.count(b"\n") == 1, result.stderr
+        assert b"not listening" in result.stderr
+        listener.sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            listener.sock.recv(4096)  # nothing, READY=1 least of all
+    finally:
+        ours.close()
+        theirs.close()
+        listener.close()
