@@ -55,6 +55,7 @@ from kms_server.store import (
     WRITE_LOCK_NAME,
     KeyFileDamaged,
     KeyStore,
+    MetadataDamaged,
     StoreError,
     check_private,
     init_store,
@@ -721,7 +722,11 @@ def verify(store: Path, **kek_settings: Any) -> None:
     """Open every key version and check every seal; exit 6 on any damage."""
     with one_line_errors():
         source = settings_from(None, kek_settings).kek_source()
-        metadata = read_metadata(store)
+        try:
+            metadata = read_metadata(store)
+        except MetadataDamaged as damage:
+            click.echo(f"DAMAGED (metadata): {damage}")
+            sys.exit(EXIT_DAMAGED)
         kek = obtain_for_store(source, metadata.kek, metadata.store_id)
         try:
             reports = maintenance.verify(store, kek)

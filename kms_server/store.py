@@ -95,6 +95,10 @@ class StoreError(Exception):
     """The store cannot be used: missing, damaged, locked or opened with the wrong KEK."""
 
 
+class MetadataDamaged(StoreError):
+    """The store's metadata does not parse or contradicts the store's layout."""
+
+
 class KeyFileDamaged(InternalError):
     """A key or state file failed authentication: copied, edited or corrupted. Never served."""
 
@@ -148,7 +152,7 @@ class StoreMetadata:
                 format=str(document["format"]),
             )
         except (ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"store metadata {METADATA_NAME} is damaged") from exc
+            raise MetadataDamaged(f"store metadata {METADATA_NAME} is damaged") from exc
         if metadata.format != STORE_FORMAT:
             raise StoreError(f"unsupported store format {metadata.format!r}")
         if not isinstance(metadata.kek.get("kind"), str):
@@ -193,7 +197,13 @@ def read_metadata(store_dir: Path) -> StoreMetadata:
         data = path.read_bytes()
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from None
-    return StoreMetadata.from_json(data)
+    metadata = StoreMetadata.from_json(data)
+    if generation.name != generation_directory(store_dir, metadata.generation).name:
+        raise MetadataDamaged(
+            f"store metadata {METADATA_NAME} names generation {metadata.generation},"
+            f" but it lies in {generation.name}"
+        )
+    return metadata
 
 
 def switch_live(store_dir: Path, generation: Path) -> None:

@@ -348,12 +348,22 @@ def test_verify_refuses_a_wrong_kek_and_damaged_metadata(stopped: Daemon, short_
     broken = short_tmp / "broken"
     shutil.copytree(daemon.store, broken, symlinks=True)
     (broken / LIVE_LINK / METADATA_NAME).write_bytes(b"{")
+    misplaced = short_tmp / "misplaced"
+    shutil.copytree(daemon.store, misplaced, symlinks=True)
+    metadata_path = misplaced / LIVE_LINK / METADATA_NAME
+    metadata = json.loads(metadata_path.read_text())
+    metadata["generation"] += 1  # names a generation directory it is not in
+    metadata_path.write_text(json.dumps(metadata))
     results = kmsd_all(
         ["verify", "--store", daemon.store, "--kek-file", wrong],
-        ["verify", "--store", broken, "--kek-file", daemon.kek_file],
         ["verify", "--store", short_tmp / "nothing", "--kek-file", daemon.kek_file],
+        ["verify", "--store", broken, "--kek-file", daemon.kek_file],
+        ["verify", "--store", misplaced, "--kek-file", daemon.kek_file],
+        ["serve", "--store", misplaced, "--kek-file", daemon.kek_file, "--socket", short_tmp / "s"],
     )
-    assert [result.returncode for result in results] == [EXIT_STORE] * 3
+    codes = [result.returncode for result in results]
+    assert codes == [EXIT_STORE, EXIT_STORE, EXIT_DAMAGED, EXIT_DAMAGED, EXIT_STORE]
+    assert b"DAMAGED (metadata)" in results[2].stdout
 
 
 def test_a_missing_store_is_a_store_error(stopped: Daemon, short_tmp: Path) -> None:
