@@ -26,14 +26,21 @@ of one size, costs a dict lookup, not a format (the three parts are joined once 
 batch).
 
 A file is opened with ``O_APPEND`` and reopened on SIGHUP, so logrotate can move
-it away.
+it away. A sink that is not a regular file (stderr to journald, a FIFO read by a
+log collector) is written in pieces that ``poll`` says fit, waiting at most
+``SINK_STALL_SECONDS`` a batch: a reader that stops reading must not freeze the
+event loop (and with it every connection and SIGTERM). As on a full disk, lines it
+cannot take are dropped and the loss is logged; a line cut short is ended before
+the next one, so every line stays one JSON object.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import select
 import stat
 import time
 from pathlib import Path
@@ -48,6 +55,8 @@ _TAILS = tuple(f'"us":{micros}}}\n' for micros in range(1000))
 #: "000" to "999": a time's microseconds as two lookups (``{:06d}`` cost 1,600 instructions more).
 _DIGITS = tuple(f"{number:03d}" for number in range(1000))
 _NANOS_PER_SECOND = 1_000_000_000
+#: How long one batch may wait for a sink that is not reading before its lines are dropped.
+SINK_STALL_SECONDS = 0.05
 
 
 class AuditError(Exception):
@@ -61,6 +70,10 @@ class AuditLog:
         self.path = path
         self._fd = self._open()
         self._failing = False
+        #: The last write stopped inside a line: the next one starts by ending it.
+        self._torn = False
+        self._written = 0  # bytes of the batch being written that the sink took
+        self._watch_sink()
         #: The current second (in ns since the epoch), when the next begins, and the
         #: start of a line's time up to its microseconds: ``{"time":"2026-11-22T16:40:00.``
         self._second_began = 0
@@ -79,6 +92,12 @@ class AuditLog:
             raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from None
         return fd
 
+    def _watch_sink(self) -> None:
+        """A regular file takes a batch in one write; anything else is polled first."""
+        self._stream = not stat.S_ISREG(os.fstat(self._fd).st_mode)
+        self._poller = select.poll()
+        self._poller.register(self._fd, select.POLLOUT)
+
     def reopen(self) -> None:
         """After log rotation (SIGHUP): write to a fresh file at the same path."""
         if self.path is None:
@@ -86,6 +105,7 @@ class AuditLog:
         new_fd = self._open()
         old_fd, self._fd = self._fd, new_fd
         os.close(old_fd)
+        self._watch_sink()
 
     def close(self) -> None:
         if self.path is not None and self._fd >= 0:
@@ -144,17 +164,22 @@ class AuditLog:
         return _TAILS[micros] if micros < len(_TAILS) else f'"us":{micros}}}\n'
 
     def write(self, parts: list[str]) -> None:
-        """Write a batch of lines, given as their parts, with one system call.
+        """Write a batch of lines, given as their parts, with one system call (a file).
 
-        Best effort on a full disk: a failure is logged, not raised.
+        Best effort on a full disk or a sink that stopped reading: a failure is
+        logged, not raised.
         """
         data = "".join(parts).encode()  # ASCII: JSON-escaped, or key ids and codes
+        if self._torn:
+            data = b"\n" + data
+        self._written = 0
         try:
-            written = os.write(self._fd, data)
-            if written < len(data):  # a pipe or a signal may take part of it
-                view = memoryview(data)[written:]
-                while view:
-                    view = view[os.write(self._fd, view) :]
+            if self._stream:
+                self._write_polled(data)
+            else:
+                self._written = os.write(self._fd, data)
+                while self._written < len(data):  # a signal may cut a write short
+                    self._written += os.write(self._fd, memoryview(data)[self._written :])
         except OSError as exc:
             # A failing audit sink must not take the key service down, but it must be seen.
             if not self._failing:
@@ -164,3 +189,23 @@ class AuditLog:
             if self._failing:
                 log.error("the audit trail is writable again; lines were lost meanwhile")
             self._failing = False
+        finally:
+            if self._written:
+                self._torn = data[self._written - 1] != ord("\n")
+
+    def _write_polled(self, data: bytes) -> None:
+        """Write to a pipe, socket or terminal without ever blocking for long.
+
+        Pieces of ``PIPE_BUF`` bytes: a pipe ``poll`` calls writable takes that much
+        without blocking. Raises ``EAGAIN`` when the sink takes no more within the
+        stall allowance (none while it is already failing).
+        """
+        deadline = time.monotonic() + (0.0 if self._failing else SINK_STALL_SECONDS)
+        with memoryview(data) as view:
+            while self._written < len(data):
+                if not self._poller.poll(0):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._poller.poll(remaining * 1000):
+                        raise BlockingIOError(errno.EAGAIN, "the audit sink stopped reading")
+                piece = view[self._written : self._written + select.PIPE_BUF]
+                self._written += os.write(self._fd, piece)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -276,6 +278,67 @@ def test_bytes_in_counts_every_byte_of_a_crlf_line(audited: Daemon) -> None:
 
 
 # --------------------------------------------------------------------------- the file
+
+
+def drain(fd: int) -> bytes:
+    """Everything a non-blocking pipe holds now."""
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 1 << 20):
+            data += chunk
+    return data
+
+
+def test_a_sink_that_stops_reading_drops_lines_and_never_tears_one(tmp_path: Path) -> None:
+    """A full pipe takes part of a batch: the next batch first ends the cut line, so
+    every later line is a whole JSON object; the stall is bounded and logged."""
+    fifo = tmp_path / "collector"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        audit = AuditLog(fifo)
+        line = '{"verb":"PING","pad":"' + "x" * 180 + '"}\n'
+        started = time.monotonic()
+        for _ in range(2000):  # ~400 KB into a 64 KiB pipe nobody reads
+            audit.write([line] * 3)
+        assert time.monotonic() - started < 5.0  # one short wait, then drops at once
+        drained = drain(reader)
+        audit.write(['{"verb":"AFTER"}\n'])
+        drained += drain(reader)
+        audit.close()
+    finally:
+        os.close(reader)
+    lines = drained.split(b"\n")
+    assert lines[-1] == b""
+    assert b'{"verb":"AFTER"}' in lines  # whole, not glued onto a cut line
+    torn = [text for text in lines[:-1] if not text.endswith(b"}")]
+    assert len(torn) <= 1  # at most the one line the full pipe cut
+    for text in lines[:-1]:
+        if text.endswith(b"}"):
+            json.loads(text)
+
+
+def test_a_stalled_fifo_sink_freezes_nothing(short_tmp: Path) -> None:
+    """A log collector that stops reading: the daemon keeps answering everyone, logs the
+    loss, and still stops on SIGTERM."""
+    daemon = audited_daemon(short_tmp / "d")
+    fifo = short_tmp / "collector"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opens, never reads
+    try:
+        daemon.extra_args[-1] = str(fifo)
+        with running(daemon):
+            with Conn(daemon.socket_path) as conn:
+                for _ in range(1500):
+                    assert conn.ask(b"PING") == b"OK PONG"
+            assert ask(daemon.socket_path, b"PING") == b"OK PONG"
+            assert daemon.process is not None
+            daemon.process.send_signal(signal.SIGTERM)
+            assert daemon.process.wait(10) == 0
+            daemon.process = None
+        assert "cannot write the audit trail" in daemon.log.read_text()
+    finally:
+        os.close(reader)
 
 
 def test_an_audit_log_that_cannot_be_opened_stops_start_up(short_tmp: Path) -> None:
