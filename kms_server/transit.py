@@ -350,6 +350,8 @@ class TransitSource:
         self._clients: dict[str, hvac.Client] = {}
         self._token: str | None = None
         self._wrapped: _Wrapped | None = None
+        #: The store whose root was unwrapped here: the health check unwraps it again.
+        self._store_id: str | None = None
 
     @property
     def kind(self) -> str:
@@ -405,6 +407,7 @@ class TransitSource:
             )
         with self._lock:
             self._wrapped = wrapped
+            self._store_id = store_id
         return root
 
     def _on_wrapped_root(self, operation: str, wrapped: _Wrapped, store_id: str) -> Any:
@@ -446,17 +449,28 @@ class TransitSource:
 
         One pass over the nodes, no retries (bounded by the request timeout per
         node). Renews the token when it is renewable and half its TTL is gone.
-        With ``read`` on the key, also checks that the key still exists and that
-        its ``min_decryption_version`` still admits the store's ciphertext: the
-        one in ``description`` (the store's current metadata, which a rewrap may
-        have changed since start) or else the one last wrapped or unwrapped here.
+        Then asks Transit to unwrap the store's root, as a restart would: the
+        ciphertext in ``description`` (the store's current metadata, which a
+        rewrap may have changed since start) or else the one last wrapped or
+        unwrapped here. The answer is dropped; only whether it came matters. A
+        token that lost ``decrypt``, a deleted key or a raised
+        ``min_decryption_version`` shows here, not at the next restart. With
+        ``read`` on the key, a raised minimum is named as such.
         """
         try:
             if description is not None:
                 wrapped = self._recorded(description)
                 with self._lock:
                     self._wrapped = wrapped
-            self._call(self._check_health, "health check", timeout=0.0)
+            current = self._wrapped
+            self._call(
+                self._check_health,
+                "health check",
+                timeout=0.0,
+                refusal=None
+                if current is None
+                else lambda error: self._refusal(error, current.mount, current.key, current),
+            )
         except KekError as error:
             return f"degraded: {error}"
         return "ok"
@@ -619,7 +633,10 @@ class TransitSource:
         try:
             answer = client.read(f"{wrapped.mount}/keys/{wrapped.key}")
         except hvac.exceptions.Forbidden:
-            return  # no read permission on the key: the token check is all we can do
+            self._check_unwrap(client, wrapped)  # no read permission: the unwrap tells all
+            return
+        if answer is not None:
+            self._check_unwrap(client, wrapped)
         if answer is None:
             raise _Refusal(f"Transit key {wrapped.key!r} not found at mount {wrapped.mount!r}")
         minimum = int(_data(answer, "key read").get("min_decryption_version") or 0)
@@ -628,6 +645,15 @@ class TransitSource:
                 f"Transit key {wrapped.key!r} has min_decryption_version {minimum}, above the "
                 f"store's wrapped version {wrapped.version}: a restart would fail"
             )
+
+    def _check_unwrap(self, client: hvac.Client, wrapped: _Wrapped) -> None:
+        """Transit decrypts the store's root as a restart would; the plaintext is dropped."""
+        if self._store_id is None:
+            return  # not unwrapped here yet: nothing to check against
+        client.write_data(
+            f"{wrapped.mount}/decrypt/{wrapped.key}",
+            data={"ciphertext": wrapped.ciphertext, "context": binding_context(self._store_id)},
+        )
 
     def _call(
         self,

@@ -501,6 +501,29 @@ def test_policy_without_decrypt_is_refused(
     assert time.monotonic() - started < 5
 
 
+def test_health_unwraps_the_root_as_a_restart_would(
+    shared_bao: DevServer, key: str, tmp_path: Path, token_file: Path
+) -> None:
+    """A least-privilege token (no `read` on the key): the health check cannot look at
+    the key, so it unwraps the root. Losing `decrypt`, or the key, must show at once."""
+    admin = shared_bao.admin()
+    description = source(shared_bao, key, token_file).describe_new("store")
+    policy = f"health-{key}"
+    write(admin, f"sys/policies/acl/{policy}", policy=least_privilege_policy(key))
+    token = write(admin, "auth/token/create", policies=[policy], ttl="1h")["auth"]
+    path = tmp_path / "least"
+    path.write_text(token["client_token"])
+    transit = TransitSource([shared_bao.url], token_file=path, start_timeout=30)
+    transit.obtain(description, "store")
+    assert transit.health() == "ok"
+    write(admin, f"sys/policies/acl/{policy}", policy=least_privilege_policy(key, decrypt=False))
+    assert transit.health().startswith("degraded: ")
+    write(admin, f"sys/policies/acl/{policy}", policy=least_privilege_policy(key))
+    assert transit.health() == "ok"
+    delete_key(shared_bao, key)
+    assert transit.health().startswith("degraded: ")
+
+
 def test_token_renewal(shared_bao: DevServer, key: str, tmp_path: Path) -> None:
     admin = shared_bao.admin()
     token = write(admin, "auth/token/create", policies=["root"], ttl="4s", renewable=True)
