@@ -647,7 +647,7 @@ def rewrap_stored_root(store_dir: Path, source: TransitSource) -> tuple[int, int
     with locked(store_dir / WRITE_LOCK_NAME, blocking=True):
         metadata = read_metadata(store_dir)
         if metadata.kek.get("kind") != "transit":
-            raise ConfigError(
+            raise KekError(  # a source of another kind than the store's: exit 4, as for serve
                 f"--rewrap: this store's KEK comes from a {metadata.kek.get('kind')} "
                 "source, not Transit"
             )

@@ -188,6 +188,8 @@ def _read_secret(path: Path, what: str) -> str:
         raise KekError(f"the Transit {what} file {path} is not text") from None
     if not text or "\n" in text or len(text) > 4096:
         raise KekError(f"the Transit {what} file {path} must hold one non-empty line")
+    if not text.isprintable():  # a CR, a tab: no HTTP header could carry it
+        raise KekError(f"the Transit {what} file {path} holds a control character")
     return text
 
 

@@ -781,3 +781,17 @@ def test_sigkill_of_the_daemon_during_online_rekey(fresh: KekDaemon) -> None:
     # The first kills land in the first half of a rekey, before its switch: the case
     # this test exists for (an interrupted re-seal rolled back at the next start).
     assert any(outcome == "old" for outcome, _ in outcomes), (seed, outcomes)
+
+
+def test_rewrap_of_a_store_whose_kek_is_not_transit_is_a_kek_source_error(
+    fresh: KekDaemon,
+) -> None:
+    """A source of another kind than the store's exits 4, as `serve` does."""
+    token = fresh.root / "token"
+    token.write_text("s.unused\n")
+    result = kmsd(
+        "rekey", "--store", fresh.store, "--rewrap",
+        "--kek-transit", "http://127.0.0.1:9", "--transit-token-file", token,
+    )  # fmt: skip
+    assert result.returncode == EXIT_KEK, result.stderr
+    assert result.stderr.count(b"\n") == 1

@@ -421,6 +421,17 @@ def test_wrong_token_fails_fast_without_leaking_it(
         TransitSource([shared_bao.url], token_file=tmp_path / "missing").obtain(
             description, "store"
         )
+    # A control character no HTTP header can carry is refused at once, not retried as an
+    # outage for the whole start timeout.
+    carriage = tmp_path / "carriage-return"
+    carriage.write_text("s.SECRETa\rSECRETb\n")
+    started = time.monotonic()
+    with pytest.raises(KekError) as caught:
+        TransitSource([shared_bao.url], token_file=carriage, start_timeout=30).obtain(
+            description, "store"
+        )
+    assert time.monotonic() - started < 5
+    assert "SECRET" not in str(caught.value)
 
 
 def test_rotated_token_file_is_read_again(
