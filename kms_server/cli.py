@@ -397,11 +397,19 @@ def serve(config_file: Path | None, dev: bool, verbose: bool, **options: Any) ->
 @main.command("check-config")
 @serve_options
 def check_config(config_file: Path | None, **options: Any) -> None:
-    """Validate settings and the ACL without starting (and without reading the KEK)."""
+    """Validate settings and the ACL without starting (and without reading the KEK).
+
+    Also what `serve` would stop on before reading the KEK: a directory that is not a
+    store, a KEK file it may not read, an audit log it cannot open.
+    """
     with one_line_errors():
         settings = settings_from(config_file, options)
-        settings.require_store()
+        read_metadata(settings.require_store())
         settings.kek_source()
+        if settings.kek_file is not None and not os.access(settings.kek_file, os.R_OK):
+            raise KekError(f"cannot read KEK file {settings.kek_file}")
+        if settings.audit_log is not None:
+            AuditLog(settings.audit_log).close()  # creates it (0600) as serve would
         access = load_access(settings)
         click.echo(f"configuration OK; ACL: {access.acl.source} ({len(access.acl.rules)} rules)")
 

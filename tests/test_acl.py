@@ -34,7 +34,7 @@ from kms_client.protocol import (
     Rotate,
 )
 from kms_server.acl import OPERATIONS, Acl, AclError, Grants, KeyPattern, Peer
-from tests.conftest import Daemon, assert_fails, kmsd, make_store
+from tests.conftest import Daemon, assert_fails, kmsd, kmsd_all, make_store
 from tests.users import Conn, ask, b64, code_of, running, wait_for
 
 SOURCE = "/etc/kms/acl.toml"
@@ -625,6 +625,16 @@ def test_check_config_validates_without_starting(short_tmp: Path) -> None:
 
     assert not socket_path.parent.exists()
     assert not (store.store / ".lock").exists()  # the store was never opened
+
+    # What serve would stop on before reading the KEK, check-config stops on too.
+    results = kmsd_all(
+        ["check-config", *common, "--audit-log", short_tmp / "absent" / "audit.log"],
+        ["check-config", "--store", short_tmp / "no-store", "--kek-file", store.kek_file],
+        ["check-config", "--store", store.store, "--kek-file", short_tmp / "no-kek"],
+    )
+    assert [result.returncode for result in results] == [2, 3, 4]
+    for result in results:
+        assert result.stderr.count(b"\n") == 1, result.stderr
 
 
 def test_check_config_succeeds_while_a_daemon_holds_the_store(acl_daemon: Daemon) -> None:
