@@ -230,12 +230,20 @@ def main() -> None:
 
 
 @main.command()
-@store_option(required=True)
+@store_option(required=False)
 @kek_options
-def init(store: Path, **kek_settings: Any) -> None:
+@click.option(
+    "--config",
+    "config_file",
+    type=PATH,
+    default=None,
+    help="The serve TOML file: its store and KEK settings; flags win.",
+)
+def init(store: Path | None, config_file: Path | None, **kek_settings: Any) -> None:
     """Create a new, empty key store sealed under a KEK source."""
     with one_line_errors():
-        settings = settings_from(None, {"store": store, **kek_settings})
+        settings = settings_from(config_file, {"store": store, **kek_settings})
+        store = settings.require_store()
         source = settings.kek_source()
         store_id = new_store_id()
         description = source.describe_new(store_id)

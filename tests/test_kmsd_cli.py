@@ -362,6 +362,24 @@ def test_config_file_and_flags_that_override_it(short_tmp: Path) -> None:
         assert ask(config_socket, b"PING") == b"OK PONG\n"
 
 
+def test_init_reads_the_serve_config_file(short_tmp: Path) -> None:
+    """One TOML file for init and serve: its store and KEK source; flags still win."""
+    kek = short_tmp / "kek"
+    write_kek(kek)
+    store = short_tmp / "store"
+    socket_path = short_tmp / "kms.sock"
+    config = short_tmp / "kmsd.toml"
+    config.write_text(f'store = "{store}"\nkek_file = "{kek}"\nsocket = "{socket_path}"\n')
+    result = kmsd("init", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert (store / "live").exists()
+    other = short_tmp / "other"
+    assert kmsd("init", "--config", config, "--store", other).returncode == 0
+    assert (other / "live").exists()
+    with serving("--config", config, socket_path=socket_path, log=short_tmp / "kmsd.log"):
+        assert ask(socket_path, b"PING") == b"OK PONG\n"
+
+
 def test_config_file_errors(short_tmp: Path) -> None:
     daemon = make_store(short_tmp / "d")
     base = (

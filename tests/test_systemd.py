@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_store
+from tests.conftest import Daemon, make_store
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -209,6 +209,14 @@ def test_request_in_flight_at_sigterm_gets_its_answer(
     assert process.wait(20) == 0
 
 
+def serve_command(daemon: Daemon, socket_path: Path) -> list[str]:
+    """`kmsd serve` of ``daemon``'s store, configured for ``socket_path``."""
+    return [
+        str(KMSD), "serve", "--store", str(daemon.store), "--kek-file", str(daemon.kek_file),
+        "--socket", str(socket_path),
+    ]  # fmt: skip
+
+
 def test_the_socket_systemd_passed_is_the_one_announced_whatever_the_config_says(
     short_tmp: Path,
 ) -> None:
@@ -223,14 +231,7 @@ def test_the_socket_systemd_passed_is_the_one_announced_whatever_the_config_says
             "systemd-socket-activate",
             "--listen",
             str(real),
-            str(KMSD),
-            "serve",
-            "--store",
-            str(daemon.store),
-            "--kek-file",
-            str(daemon.kek_file),
-            "--socket",
-            str(short_tmp / "configured.sock"),
+            *serve_command(daemon, short_tmp / "configured.sock"),
         ],
         stderr=subprocess.DEVNULL,
     )
@@ -277,14 +278,7 @@ def test_a_passed_socket_that_is_not_listening_is_refused_at_start(short_tmp: Pa
                 "-c",
                 LAUNCH_ON_FD_3,
                 str(theirs.fileno()),
-                str(KMSD),
-                "serve",
-                "--store",
-                str(daemon.store),
-                "--kek-file",
-                str(daemon.kek_file),
-                "--socket",
-                str(short_tmp / "kms.sock"),
+                *serve_command(daemon, short_tmp / "kms.sock"),
             ],
             pass_fds=(theirs.fileno(),),
             env={**os.environ, "NOTIFY_SOCKET": str(listener.path)},
