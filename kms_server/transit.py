@@ -678,11 +678,12 @@ class TransitSource:
                         reasons[url] = str(retry)
                     except _Refusal as refused:  # callers see plain KekError, nothing else
                         raise KekError(str(refused)) from None
-                if self._clock() + delay > deadline:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
                     summary = "; ".join(f"{url}: {why}" for url, why in reasons.items())
                     within = f" within {budget:g} s" if budget > 0 else ""
                     raise KekError(f"no Transit node could answer{within} ({summary})")
-                self._sleep(delay)
+                self._sleep(min(delay, remaining))  # the last try comes at the deadline
                 delay = min(2 * delay, MAX_BACKOFF)
 
     def _call_node(
