@@ -153,11 +153,14 @@ class Acl:
     @classmethod
     def load(cls, path: Path) -> Acl:
         try:
-            text = path.read_text()
+            data = path.read_bytes()
         except OSError as exc:
             raise AclError(f"cannot read ACL {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise AclError(f"ACL {path} is not UTF-8 text") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise AclError(f"{path}:{line}: not UTF-8 text") from None
         return cls.parse(text, str(path))
 
     @classmethod
@@ -167,7 +170,8 @@ class Acl:
         except tomllib.TOMLDecodeError as exc:
             # Python 3.11's TOMLDecodeError has no lineno; its message ends "(at line N, ...)".
             where = re.search(r"at line (\d+)", str(exc))
-            line = f":{where.group(1)}" if where else ""
+            # "(at end of document)" has no number: the last line it is.
+            line = f":{where.group(1) if where else max(1, len(text.splitlines()))}"
             raise AclError(f"{source}{line}: not valid TOML: {exc}") from None
         text_lines = text.splitlines()
         whole = _Lines(source, text_lines, 1, len(text_lines))

@@ -310,6 +310,18 @@ def test_invalid_toml_names_its_line() -> None:
     assert error_line(text) == 8
 
 
+def test_toml_cut_off_at_the_end_names_the_last_line() -> None:
+    text = toml(*GOOD_RULE, "[[allow]]", "users = [0,")  # "(at end of document)"
+    assert error_line(text) == len(GOOD_RULE) + 2
+
+
+def test_a_byte_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "acl.toml"
+    path.write_bytes(toml(*GOOD_RULE).encode() + b"# caf\xe9\n")
+    with pytest.raises(AclError, match=rf"^{re.escape(str(path))}:{len(GOOD_RULE) + 1}: "):
+        Acl.load(path)
+
+
 def test_a_duplicate_field_names_its_line() -> None:
     text = toml("[[allow]]", "users = [0]", 'keys = ["*"]', "users = [1]", 'operations = ["get"]')
     assert error_line(text) == 4
