@@ -55,6 +55,7 @@ _TAILS = tuple(f'"us":{micros}}}\n' for micros in range(1000))
 #: "000" to "999": a time's microseconds as two lookups (``{:06d}`` cost 1,600 instructions more).
 _DIGITS = tuple(f"{number:03d}" for number in range(1000))
 _NANOS_PER_SECOND = 1_000_000_000
+_LF = ord("\n")
 #: How long one batch may wait for a sink that is not reading before its lines are dropped.
 SINK_STALL_SECONDS = 0.05
 
@@ -172,26 +173,30 @@ class AuditLog:
         data = "".join(parts).encode()  # ASCII: JSON-escaped, or key ids and codes
         if self._torn:
             data = b"\n" + data
-        self._written = 0
         try:
             if self._stream:
+                self._written = 0
                 self._write_polled(data)
+                self._written = 0  # only a failure's progress is ever read
             else:
-                self._written = os.write(self._fd, data)
-                while self._written < len(data):  # a signal may cut a write short
-                    self._written += os.write(self._fd, memoryview(data)[self._written :])
+                written = os.write(self._fd, data)
+                if written < len(data):  # a signal or a full disk cut it short
+                    self._written = written
+                    while self._written < len(data):
+                        self._written += os.write(self._fd, memoryview(data)[self._written :])
         except OSError as exc:
             # A failing audit sink must not take the key service down, but it must be seen.
             if not self._failing:
                 log.error("cannot write the audit trail: %s", exc.strerror)
             self._failing = True
+            if self._written:  # part of the batch went out: did it stop inside a line?
+                self._torn = data[self._written - 1] != _LF
+                self._written = 0
         else:
             if self._failing:
                 log.error("the audit trail is writable again; lines were lost meanwhile")
             self._failing = False
-        finally:
-            if self._written:
-                self._torn = data[self._written - 1] != ord("\n")
+            self._torn = False
 
     def _write_polled(self, data: bytes) -> None:
         """Write to a pipe, socket or terminal without ever blocking for long.
