@@ -55,6 +55,8 @@ R = TypeVar("R")
 
 #: Lines shorter than this are framed by one ``bytes.split``; longer ones by ``find``.
 _SPLIT_BELOW = 256
+#: Bytes of an over-long line kept for the audit: enough for its verb.
+_OVERLONG_HEAD = 32
 
 
 class LineFramer:
@@ -76,6 +78,8 @@ class LineFramer:
         "_partial_size",
         "_start",
         "last_line_size",
+        "overlong_head",
+        "overlong_size",
         "too_long",
         "wire_sizes",
     )
@@ -90,6 +94,10 @@ class LineFramer:
         self.last_line_size = 0
         #: Set by :meth:`feed_lines` when a line over the limit followed the lines it returned.
         self.too_long = False
+        #: The over-long line's first bytes and how many of its bytes had arrived (for the
+        #: audit: its verb and size, never its content).
+        self.overlong_head = b""
+        self.overlong_size = 0
         #: After :meth:`feed_lines`: each returned line's size on the wire (CR and LF
         #: included), or None when every one ended with a bare LF (``len(line) + 1``).
         self.wire_sizes: list[int] | None = None
@@ -130,10 +138,12 @@ class LineFramer:
         if newline < 0:
             self._set_aside_tail()
             if self._partial_size > self._max_line + 1:
+                self._overlong(self._partial[0], self._partial_size)
                 raise TooLong()
             return None
         end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline
         if end - start > self._max_line:
+            self._overlong(buffer[start : start + _OVERLONG_HEAD], newline + 1 - start)
             raise TooLong()
         self._start = newline + 1
         self.last_line_size = newline + 1 - start
@@ -187,14 +197,19 @@ class LineFramer:
         if len(data) > limit or len(first_line) > limit:
             for index, part in enumerate(parts):
                 if len(part) > limit:
-                    self.too_long = True
+                    self._overlong(part, len(part) + 1)
                     return parts[:index]
         if tail:
             partial.append(tail)
             self._partial_size = len(tail)
             if len(tail) > limit + 1:
-                self.too_long = True
+                self._overlong(tail, len(tail))
         return parts
+
+    def _overlong(self, start: bytes, size: int) -> None:
+        self.too_long = True
+        self.overlong_head = start[:_OVERLONG_HEAD]
+        self.overlong_size = size
 
     def _feed_lines_one_by_one(self, data: bytes) -> list[bytes]:
         lines: list[bytes] = []

@@ -509,7 +509,9 @@ class Server:
                         break
                 if framer.too_long and not closing:
                     replies.append(_TOO_LONG)
-                    subject = audit_subject("-", None, None, "TOO_LONG", 0, len(_TOO_LONG))
+                    verb = verb_of(framer.overlong_head)  # its verb and size: not its content
+                    size_in = framer.overlong_size
+                    subject = audit_subject(verb, None, None, "TOO_LONG", size_in, len(_TOO_LONG))
                     trail += (head, subject, audit_tail(0))
                     closing = True
                 answered = bool(replies)

@@ -341,6 +341,23 @@ def test_a_stalled_fifo_sink_freezes_nothing(short_tmp: Path) -> None:
         os.close(reader)
 
 
+def test_an_over_long_line_is_audited_with_its_verb_and_size(short_tmp: Path) -> None:
+    daemon = audited_daemon(short_tmp / "d", "--max-line", "200")
+    with running(daemon):
+        for line in (b"ENC s/a " + b"A" * 400, b"\x00garbage" * 50):
+            with Conn(daemon.socket_path) as conn:
+                assert code_of(conn.ask(line)) == "TOO_LONG"
+    found = [e for e in audit_lines(daemon.root / "audit.log") if e["result"] == "TOO_LONG"]
+    assert [(entry["verb"], entry["result"]) for entry in found] == [
+        ("ENC", "TOO_LONG"),
+        ("-", "TOO_LONG"),
+    ]
+    for entry in found:
+        assert isinstance(entry["bytes_in"], int)
+        assert 200 < entry["bytes_in"] <= 501
+        assert "AAAA" not in json.dumps(entry)
+
+
 def test_an_audit_log_that_cannot_be_opened_stops_start_up(short_tmp: Path) -> None:
     daemon = audited_daemon(short_tmp / "d")
     missing = short_tmp / "no-such-dir" / "audit.log"
