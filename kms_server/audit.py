@@ -84,13 +84,19 @@ class AuditLog:
     def _open(self) -> int:
         if self.path is None:
             return STDERR_FD
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Non-blocking open: a FIFO nobody reads would otherwise hang start-up,
+            # check-config, or a SIGHUP reopen on the event loop. Writes block again
+            # (the polled writer bounds them).
+            fd = os.open(self.path, flags | os.O_NONBLOCK, 0o600)
+            os.set_blocking(fd, True)
             if stat.S_ISREG(os.fstat(fd).st_mode):
                 os.fchmod(fd, 0o600)  # an existing file may have been created looser
             # A FIFO or a device (a log collector, /dev/null) is not ours to chmod.
         except OSError as exc:
-            raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from None
+            why = "nothing reads that FIFO" if exc.errno == errno.ENXIO else exc.strerror
+            raise AuditError(f"cannot open audit log {self.path}: {why}") from None
         return fd
 
     def _watch_sink(self) -> None:

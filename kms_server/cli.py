@@ -483,22 +483,18 @@ def serve_store(
         # its ListenStream= put it, whatever our configuration says.
         serving = Path(listener.getsockname()) if inherited else settings.socket
         store.announce(serving)
-        if inherited:
-            log.info(
-                "serving store %s on %s, the socket systemd passed (its mode is"
-                " systemd's: SocketMode=), KEK source: %s",
-                settings.store,
-                serving,
-                store.metadata.kek["kind"],
-            )
-        else:
-            log.info(
-                "serving store %s on %s (mode %04o), KEK source: %s",
-                settings.store,
-                serving,
-                settings.socket_mode,
-                store.metadata.kek["kind"],
-            )
+        mode = (
+            "passed by systemd, mode per SocketMode="
+            if inherited
+            else f"mode {settings.socket_mode:04o}"
+        )
+        log.info(
+            "serving store %s on %s (%s), KEK source: %s",
+            settings.store,
+            serving,
+            mode,
+            store.metadata.kek["kind"],
+        )
         announce_access(access)
         trio.run(run, server, f"store {settings.store} on {serving}")
     finally:

@@ -229,7 +229,7 @@ class Dispatcher:
 
     async def _create(self, request: Create, run_blocking: ThreadRunner[Any]) -> Reply:
         store = self.store
-        if store.exists(request.key_id) and not store.cut_short(request.key_id):
+        if not store.ready_for_create(request.key_id):
             raise KeyExists()
         state = KeyState(rotate_period=request.rotate_period)
         rotation = dict(store.rotation)

@@ -579,20 +579,24 @@ class KeyStore:
             files = [number for number in files if number not in leftovers]
         return KeyRecord(key_id, files, state)
 
-    def cut_short(self, key_id: str) -> bool:
-        """Whether ``key_id`` is only the state file of a CREATE that a crash cut short.
+    def ready_for_create(self, key_id: str) -> bool:
+        """Whether a CREATE of ``key_id`` may write it: no such key, or only the state
+        file of a CREATE that a crash cut short.
 
         CREATE writes the state (version 1, never used) before the version file. A
         key whose files were deleted looks the same once its state names nothing
-        else: a CREATE may replace either, which loses nothing.
+        else: a CREATE may replace either, which loses nothing. The stale record is
+        dropped from the cache, so the CREATE publishes a fresh one.
         """
         record = self._cache.get(key_id) or self._scan(key_id)
-        if record is None or record.files or set(record.state.usage) != {1}:
+        if record is None:
+            return True
+        if record.files or set(record.state.usage) != {1}:
             return False
         usage = record.state.usage[1]
         if usage.encryptions or usage.decryptions or usage.bytes or usage.state != ACTIVE:
             return False
-        self._cache.pop(key_id, None)  # the CREATE about to run publishes a fresh record
+        self._cache.pop(key_id, None)
         return True
 
     def record(self, key_id: str) -> KeyRecord:

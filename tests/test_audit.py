@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kms_server.audit import AuditLog
+from kms_server.audit import AuditError, AuditLog
 from kms_server.kek import PassphraseCommand
 from kms_server.store import read_metadata
 from tests.conftest import KMS, KMSD, Daemon, make_store
@@ -316,6 +316,15 @@ def test_a_sink_that_stops_reading_drops_lines_and_never_tears_one(tmp_path: Pat
     for text in lines[:-1]:
         if text.endswith(b"}"):
             json.loads(text)
+
+
+def test_a_fifo_nobody_reads_is_refused_at_open_not_waited_on(tmp_path: Path) -> None:
+    """Opening it for writing would block until a reader came: at start, in check-config,
+    or in a SIGHUP reopen on the event loop."""
+    fifo = tmp_path / "collector"
+    os.mkfifo(fifo)
+    with pytest.raises(AuditError, match="nothing reads that FIFO"):
+        AuditLog(fifo)
 
 
 def test_a_stalled_fifo_sink_freezes_nothing(short_tmp: Path) -> None:
