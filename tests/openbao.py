@@ -385,17 +385,23 @@ class RaftCluster:
             time.sleep(0.25)
         raise RuntimeError(f"autopilot did not make every node a voter: {state}")
 
-    def leader(self) -> BaoProcess:
-        for node in self.nodes:
-            if node.process is None:
-                continue
-            try:
-                answer = requests.get(f"{node.url}/v1/sys/leader", timeout=2).json()
-            except requests.RequestException:
-                continue
-            if answer.get("is_self"):
-                return node
-        raise RuntimeError("no node says it leads")
+    def leader(self, timeout: float = 15.0) -> BaoProcess:
+        """The node that says it leads, waiting for one while an election runs (after a
+        leader dies, a standby may serve requests before any node calls itself leader)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for node in self.nodes:
+                if node.process is None:
+                    continue
+                try:
+                    answer = requests.get(f"{node.url}/v1/sys/leader", timeout=2).json()
+                except requests.RequestException:
+                    continue
+                if answer.get("is_self"):
+                    return node
+            if time.monotonic() > deadline:
+                raise RuntimeError("no node says it leads")
+            time.sleep(0.25)
 
     def admin(self, url: str | None = None) -> hvac.Client:
         return admin(url or self.leader().url, self.root_token)
