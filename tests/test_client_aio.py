@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import kms_client
 from kms_client import (
@@ -419,14 +420,21 @@ async def test_a_full_connection_queue_is_waited_on_until_the_timeout(short_tmp:
 
 
 async def test_timeout_covers_the_wait_for_other_tasks_calls(short_tmp: Path) -> None:
+    """Four calls queue on one client: the first is answered, the others run out of time.
+
+    The calls are started one at a time, each once the ones before it wait, so
+    the lock's FIFO order is the order here. A pipeline's timeout bounds each
+    wait for progress once it holds the lock, so it must be last in the queue
+    for its outcome to be fixed.
+    """
     path = str(short_tmp / "s.sock")
 
     def slow(line: bytes) -> bytes:
-        time.sleep(0.6)
+        time.sleep(1.0)
         return b"OK PONG\n"
 
     with ScriptedServer(path, reply_with(slow)):
-        async with AsyncClient(path, timeout=1.0) as c:
+        async with AsyncClient(path, timeout=1.5) as c:
             outcomes: list[str] = []
 
             async def call(pipelined: bool) -> None:
@@ -440,7 +448,8 @@ async def test_timeout_covers_the_wait_for_other_tasks_calls(short_tmp: Path) ->
             async with trio.open_nursery() as nursery:
                 for n in range(4):
                     nursery.start_soon(call, n == 3)
-            assert trio.current_time() - started < 2.5  # not 4 x 0.6 s in a row
+                    await trio.testing.wait_all_tasks_blocked()
+            assert trio.current_time() - started < 3.5  # not 4 x 1 s in a row
             assert sorted(outcomes) == ["ok", "timeout", "timeout", "timeout"]
 
 
