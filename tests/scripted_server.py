@@ -11,6 +11,7 @@ client opened (``server.connections``).
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import threading
 import time
@@ -72,20 +73,31 @@ def hang_up_first_then(answer: Callable[[bytes], bytes]) -> Handler:
 
 
 class ScriptedServer:
+    """A listener that runs ``handler`` in a thread per connection.
+
+    ``connections`` is exact whenever it is read: a Unix socket's connect() returns
+    once the connection is queued, so reading it first accepts whatever is queued.
+    """
+
     def __init__(self, path: str, handler: Handler) -> None:
         self.path = path
         self.handler = handler
-        self.connections = 0
+        self._accepted = 0
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._conns: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = threading.Event()
 
+    @property
+    def connections(self) -> int:
+        self._accept_queued()
+        return self._accepted
+
     def __enter__(self) -> ScriptedServer:
         self._listener.bind(self.path)
         self._listener.listen(16)
-        self._listener.settimeout(0.05)
+        self._listener.setblocking(False)
         accept = threading.Thread(target=self._accept_loop, daemon=True)
         accept.start()
         self._threads.append(accept)
@@ -97,34 +109,42 @@ class ScriptedServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._accept_queued()  # counted, then hung up on like the others
         self._closed.set()
         with self._lock:
             for conn in self._conns:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join(5)
         with self._lock:
             for conn in self._conns:
                 conn.close()
-        self._listener.close()
+            self._listener.close()
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
             try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
+                select.select([self._listener], [], [], 0.05)
+            except (OSError, ValueError):  # closed
                 return
-            conn.settimeout(None)
-            with self._lock:
-                index = self.connections
-                self.connections += 1
+            self._accept_queued()
+
+    def _accept_queued(self) -> None:
+        with self._lock:
+            while not self._closed.is_set():
+                try:
+                    conn, _ = self._listener.accept()
+                except OSError:  # none queued (EAGAIN), or closed
+                    return
+                conn.setblocking(True)
+                index = self._accepted
+                self._accepted += 1
                 self._conns.append(conn)
                 thread = threading.Thread(target=self._serve, args=(conn, index), daemon=True)
                 self._threads.append(thread)
-            thread.start()
+                thread.start()
 
     def _serve(self, conn: socket.socket, index: int) -> None:
         try:

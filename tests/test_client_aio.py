@@ -359,7 +359,7 @@ async def test_aclose_under_a_call_in_flight_fails_that_call_and_never_reconnect
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(waiting)
-            await trio.sleep(0.2)
+            await trio.testing.wait_all_tasks_blocked()  # its request is in flight
             with trio.fail_after(5):
                 await c.aclose()
         assert len(failures) == 1
@@ -420,12 +420,11 @@ async def test_a_full_connection_queue_is_waited_on_until_the_timeout(short_tmp:
 
 
 async def test_timeout_covers_the_wait_for_other_tasks_calls(short_tmp: Path) -> None:
-    """Four calls queue on one client: the first is answered, the others run out of time.
+    """One call holds the lock for 1 s; three calls queued behind it run out of time.
 
-    The calls are started one at a time, each once the ones before it wait, so
-    the lock's FIFO order is the order here. A pipeline's timeout bounds each
-    wait for progress once it holds the lock, so it must be last in the queue
-    for its outcome to be fixed.
+    The first call has a long timeout and the queued ones a short one (a call reads
+    the timeout when it starts), so each queued call runs out while the first still
+    holds the lock, whatever order the queue is in.
     """
     path = str(short_tmp / "s.sock")
 
@@ -434,7 +433,7 @@ async def test_timeout_covers_the_wait_for_other_tasks_calls(short_tmp: Path) ->
         return b"OK PONG\n"
 
     with ScriptedServer(path, reply_with(slow)):
-        async with AsyncClient(path, timeout=1.5) as c:
+        async with AsyncClient(path, timeout=5.0) as c:
             outcomes: list[str] = []
 
             async def call(pipelined: bool) -> None:
@@ -444,13 +443,16 @@ async def test_timeout_covers_the_wait_for_other_tasks_calls(short_tmp: Path) ->
                 except Timeout:
                     outcomes.append("timeout")
 
-            started = trio.current_time()
             async with trio.open_nursery() as nursery:
-                for n in range(4):
-                    nursery.start_soon(call, n == 3)
-                    await trio.testing.wait_all_tasks_blocked()
-            assert trio.current_time() - started < 3.5  # not 4 x 1 s in a row
-            assert sorted(outcomes) == ["ok", "timeout", "timeout", "timeout"]
+                nursery.start_soon(call, False)
+                await trio.testing.wait_all_tasks_blocked()  # it holds the lock
+                c.timeout = 0.3
+                for pipelined in (False, False, True):
+                    nursery.start_soon(call, pipelined)
+                with trio.fail_after(5):
+                    while len(outcomes) < 3:
+                        await trio.sleep(0.01)
+            assert outcomes == ["timeout", "timeout", "timeout", "ok"]  # before the first ended
 
 
 async def test_a_pipeline_goes_on_after_each_too_long(short_tmp: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +42,7 @@ from tests.scripted_server import (
     ScriptedServer,
     hang_up_after_request,
     hang_up_first_then,
+    lines,
     reply_with,
     silent,
 )
@@ -636,13 +638,21 @@ def test_a_full_connection_queue_is_waited_on_until_the_timeout(short_tmp: Path)
 
 
 def test_timeout_covers_the_wait_for_another_threads_call(short_tmp: Path) -> None:
+    """One call holds the lock for 1 s; three calls queued behind it run out of time.
+
+    The first call has a long timeout and the queued ones a short one (a call reads
+    the timeout when it starts), so each queued call runs out while the first still
+    holds the lock, whichever thread the lock would favour.
+    """
     path = str(short_tmp / "s.sock")
+    arrived = threading.Event()
 
     def slow(line: bytes) -> bytes:
+        arrived.set()
         time.sleep(1.0)
         return b"OK PONG\n"
 
-    with ScriptedServer(path, reply_with(slow)), Client(path, timeout=1.5) as c:
+    with ScriptedServer(path, reply_with(slow)), Client(path, timeout=5.0) as c:
         outcomes: list[str] = []
 
         def call() -> None:
@@ -653,18 +663,25 @@ def test_timeout_covers_the_wait_for_another_threads_call(short_tmp: Path) -> No
                 outcomes.append("timeout")
 
         threads = [threading.Thread(target=call) for _ in range(4)]
-        started = time.monotonic()
-        for thread in threads:
+        threads[0].start()
+        assert arrived.wait(10)  # the first call holds the lock
+        c.timeout = 0.3
+        for thread in threads[1:]:
             thread.start()
         for thread in threads:
             thread.join()
-        assert time.monotonic() - started < 3.5  # not 4 x 1 s in a row
-        assert sorted(outcomes) == ["ok", "timeout", "timeout", "timeout"]
+        assert outcomes == ["timeout", "timeout", "timeout", "ok"]  # before the first ended
 
 
 def test_close_cuts_a_call_in_flight_in_another_thread(short_tmp: Path) -> None:
     path = str(short_tmp / "s.sock")
-    with ScriptedServer(path, silent) as server:
+    arrived = threading.Event()
+
+    def read_and_never_answer(conn: socket.socket, index: int) -> None:
+        for _ in lines(conn):
+            arrived.set()
+
+    with ScriptedServer(path, read_and_never_answer) as server:
         c = Client(path, timeout=None)
         failures: list[BaseException] = []
 
@@ -676,7 +693,7 @@ def test_close_cuts_a_call_in_flight_in_another_thread(short_tmp: Path) -> None:
 
         thread = threading.Thread(target=stuck)
         thread.start()
-        time.sleep(0.2)
+        assert arrived.wait(10)  # the ROTATE is in flight
         started = time.monotonic()
         c.close()
         assert time.monotonic() - started < 3.0

@@ -384,9 +384,10 @@ def test_automatic_rotation_config_and_its_persistence(fast_daemon: Daemon) -> N
         stopped_at = info(conn, b"ar/auto")["latest"]
         assert info(conn, b"ar/auto")["rotate_period"] is None
         assert ok(conn, b"CONFIG ar/hourly rotate=1h") == b""
+        # ar/later is already over 2 s old: due at once after this CONFIG
+        assert latest(path, b"ar/later") == 1
         assert ok(conn, b"CONFIG ar/later rotate=2s") == b""
         assert err(conn, b"CONFIG ar/missing rotate=1h") == "NOT_FOUND"
-        assert latest(path, b"ar/later") == 1
     fast_daemon.restart()  # CONFIG persists; rotation resumes after the restart
     with Conn(path) as conn:
         assert info(conn, b"ar/auto")["rotate_period"] is None
@@ -602,17 +603,31 @@ def test_config_rotate_off_stops_a_rotation_already_due(short_tmp: Path) -> None
     daemon = make_store(short_tmp / "d")
     daemon.extra_args = ["--rotation-check-interval", "0.05"]
     with running(daemon), Conn(daemon.socket_path) as conn:
-        while time.time() % 1 > 0.5:  # create both within one wall-clock second
-            time.sleep(0.01)
-        conn.sock.sendall(b"CREATE due/a rotate=1s\nCREATE due/b rotate=1s\n")
-        assert [conn.reply(), conn.reply()] == [b"OK 1", b"OK 1"]
-        created = {version_entry(info(conn, key), 1)["created"] for key in (b"due/a", b"due/b")}
-        assert len(created) == 1, created  # so both are due at the same check
+        a, b = created_in_one_second(conn)  # so both are due at the same check
         with store_writes_held(daemon):
-            time.sleep(1.5)  # both are due; the rotation task waits for the lock on due/a
-            conn.sock.sendall(b"CONFIG due/b rotate=off\n")
-            time.sleep(0.2)
+            time.sleep(1.5)  # both are due; the rotation task waits for the lock on a
+            conn.sock.sendall(b"CONFIG " + b + b" rotate=off\n")
+            time.sleep(1.0)  # the CONFIG queues behind the same lock
         assert conn.reply() == b"OK"
         time.sleep(0.5)
-        assert latest_of(conn, b"due/a") >= 2  # the rotation task was indeed under way
-        assert latest_of(conn, b"due/b") == 1, "rotated after CONFIG rotate=off was acknowledged"
+        assert latest_of(conn, a) >= 2  # the rotation task was indeed under way
+        assert latest_of(conn, b) == 1, "rotated after CONFIG rotate=off was acknowledged"
+
+
+def created_in_one_second(conn: Conn) -> tuple[bytes, bytes]:
+    """Create two keys with a 1 s period whose creation times (whole seconds) are equal.
+
+    Both CREATEs are sent early in a wall-clock second; a slow fsync can still push the
+    second into the next one, and then another pair is made.
+    """
+    for attempt in range(5):
+        a, b = b"due/a%d" % attempt, b"due/b%d" % attempt
+        while time.time() % 1 > 0.2:
+            time.sleep(0.01)
+        conn.sock.sendall(b"CREATE " + a + b" rotate=1s\nCREATE " + b + b" rotate=1s\n")
+        assert [conn.reply(), conn.reply()] == [b"OK 1", b"OK 1"]
+        if version_entry(info(conn, a), 1)["created"] == version_entry(info(conn, b), 1)["created"]:
+            return a, b
+        for key in (a, b):  # out of the way of the test
+            assert ok(conn, b"CONFIG " + key + b" rotate=off") == b""
+    raise AssertionError("no two CREATEs finished within one wall-clock second")
