@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -70,6 +71,26 @@ def exchange(socket_path: str | Path, payload: bytes, timeout: float = 10.0) -> 
         while chunk := conn.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+def terminal_output(primary: int, secondary: int) -> bytes:
+    """Everything written to a pty by a child that has exited; closes ``secondary``.
+
+    With our copy of the terminal side closed, reading ends when the buffer is
+    drained (EIO on Linux), not when one read happens to come back short: the
+    kernel hands pty output to the other side asynchronously.
+    """
+    os.close(secondary)
+    shown = b""
+    while select.select([primary], [], [], 10)[0]:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: drained, and no terminal side is open
+            break
+        if not chunk:
+            break
+        shown += chunk
+    return shown
 
 
 def wait_until_serving(socket_path: Path, process: subprocess.Popen[bytes], log: Path) -> None:

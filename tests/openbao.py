@@ -18,6 +18,7 @@ gets ``HOME`` under the test's directory, so nothing writes ``~/.vault-token``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import json
 import os
@@ -69,10 +70,18 @@ def bao_binary() -> Path | None:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: every probe stays bound until all are chosen."""
+    with contextlib.ExitStack() as probes:
+        ports: list[int] = []
+        for _ in range(count):
+            probe = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+        return ports
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
@@ -308,8 +317,8 @@ class RaftCluster:
         return result.stdout.decode()
 
     def start(self) -> None:
-        apis = [free_port() for _ in range(self.size)]
-        clusters = [free_port() for _ in range(self.size)]
+        ports = free_ports(2 * self.size)
+        apis, clusters = ports[: self.size], ports[self.size :]
         for index in range(self.size):
             name = f"node{index + 1}"
             directory = self.root / name

@@ -42,7 +42,7 @@ from kms_client.errors import (
     error_for_code,
 )
 from kms_client.protocol import Decrypt, Encrypt, Request
-from tests.conftest import Daemon
+from tests.conftest import Daemon, terminal_output
 from tests.scripted_server import ScriptedServer, reply_with, silent
 
 REPO = Path(__file__).resolve().parent.parent
@@ -414,20 +414,21 @@ def test_info_is_indented_on_a_terminal(daemon: Daemon, daemon_env: dict[str, st
         client.create("demo")
     primary, secondary = os.openpty()
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "kms_client", "info", "demo"],
-            stdout=secondary,
-            stderr=subprocess.PIPE,
-            env=daemon_env,
-            cwd=REPO,
-            timeout=30,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
-        output = os.read(primary, 65536).replace(b"\r\n", b"\n")
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "kms_client", "info", "demo"],
+                stdout=secondary,
+                stderr=subprocess.PIPE,
+                env=daemon_env,
+                cwd=REPO,
+                timeout=30,
+                check=False,
+            )
+        finally:
+            output = terminal_output(primary, secondary).replace(b"\r\n", b"\n")
     finally:
         os.close(primary)
-        os.close(secondary)
+    assert result.returncode == 0, result.stderr
     assert output.startswith(b"{\n  ")
     assert json.loads(output)["key_id"] == "demo"
 

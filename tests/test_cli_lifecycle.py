@@ -13,7 +13,7 @@ from typing import Any
 
 from kms_client import Client
 from kms_client.protocol import Encrypt
-from tests.conftest import Daemon
+from tests.conftest import Daemon, terminal_output
 
 REPO = Path(__file__).resolve().parent.parent
 KMS = [sys.executable, "-m", "kms_client"]
@@ -211,28 +211,20 @@ def _rewrap_with_a_terminal(env: dict[str, str], stdin: bytes | int) -> tuple[in
     """
     primary, secondary = os.openpty()
     try:
-        process = subprocess.Popen(
-            [*KMS, "rewrap", "meter"],
-            stdin=subprocess.PIPE if isinstance(stdin, bytes) else stdin,
-            stdout=subprocess.PIPE,
-            stderr=secondary,
-            env=env,
-            cwd=REPO,
-        )
-        stdout, _ = process.communicate(stdin if isinstance(stdin, bytes) else None, timeout=60)
-        shown = b""
-        os.set_blocking(primary, False)
-        while True:
-            try:
-                chunk = os.read(primary, 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            shown += chunk
+        try:
+            process = subprocess.Popen(
+                [*KMS, "rewrap", "meter"],
+                stdin=subprocess.PIPE if isinstance(stdin, bytes) else stdin,
+                stdout=subprocess.PIPE,
+                stderr=secondary,
+                env=env,
+                cwd=REPO,
+            )
+            stdout, _ = process.communicate(stdin if isinstance(stdin, bytes) else None, timeout=60)
+        finally:
+            shown = terminal_output(primary, secondary)
     finally:
         os.close(primary)
-        os.close(secondary)
     return process.returncode, stdout, shown
 
 

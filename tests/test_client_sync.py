@@ -443,7 +443,8 @@ def test_counters_are_flushed_while_serving(short_tmp: Path) -> None:
         with Client(started.socket_path) as c:
             c.create("flushed")
             c.encrypt("flushed", b"abc")
-        time.sleep(1.0)  # several flush intervals
+            time.sleep(0.5)  # a flush has started since (every 0.2 s)
+            c.create("barrier")  # queued behind that flush's write, however slow its fsync
         started.kill()  # no shutdown flush: only what was flushed survives
         started.start()
         with Client(started.socket_path) as c:

@@ -348,7 +348,8 @@ def test_counters_survive_sigkill_once_flushed(fast_daemon: Daemon) -> None:
         for _ in range(7):
             ciphertext = enc(conn, b"kc/k", b"12345")
         dec(conn, b"kc/k", ciphertext)
-    time.sleep(1.5)  # three flush intervals
+        time.sleep(1.0)  # a flush has started since (every 0.5 s)
+        assert ok(conn, b"CREATE kc/barrier") == b"1"  # queued behind that flush's write
     fast_daemon.stop(signal.SIGKILL)
     fast_daemon.start()
     with Conn(fast_daemon.socket_path) as conn:
