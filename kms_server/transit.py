@@ -29,8 +29,11 @@ last reason. A refused token, a missing key, a refused decrypt and a TLS
 failure are final at once, with one exception: OpenBao standbys answer
 requests themselves (``disable_standby_reads`` is false by default) and may lag
 the active node by a moment, so a refusal from a node whose ``sys/health``
-says "standby" is retried like an outage. The deadline can be overrun by at
-most one request's timeout. Only plain :class:`KekError` leaves this module.
+says "standby" is retried like an outage. Each request's connect and read
+timeouts are cut to what is left of the deadline (but never below
+``MIN_REQUEST_TIMEOUT``), so a node that accepts and never answers overruns it
+by about a second per node at most, not by the request timeout. Only plain
+:class:`KekError` leaves this module.
 
 Tokens. Either a token file (read at first use and read again after a 403, so
 a rotated file is picked up) or AppRole (role-id and secret-id files, login at
@@ -75,6 +78,8 @@ DEFAULT_APPROLE_MOUNT = "approle"
 DEFAULT_START_TIMEOUT = 60.0
 DEFAULT_REQUEST_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 3.0
+#: A request tried at (or past) a retry deadline still gets this long to answer.
+MIN_REQUEST_TIMEOUT = 1.0
 FIRST_BACKOFF = 0.25
 MAX_BACKOFF = 5.0
 #: Renew a renewable token once its remaining TTL falls to this share of its full TTL.
@@ -280,11 +285,13 @@ def _translate(
 
 
 class _TimeoutAdapter(requests.adapters.HTTPAdapter):
-    """Every request with a short connect timeout (a dead node is skipped fast) and a read one."""
+    """Every request with a short connect timeout (a dead node is skipped fast) and a read one,
+    both cut to ``time_left()`` seconds when that is not ``None``."""
 
-    def __init__(self, read_timeout: float) -> None:
+    def __init__(self, read_timeout: float, time_left: Callable[[], float | None]) -> None:
         super().__init__()
-        self._timeouts = (CONNECT_TIMEOUT, read_timeout)
+        self._read_timeout = read_timeout
+        self._time_left = time_left
 
     def send(
         self,
@@ -295,7 +302,11 @@ class _TimeoutAdapter(requests.adapters.HTTPAdapter):
         cert: bytes | str | tuple[bytes | str, bytes | str] | None = None,
         proxies: Mapping[str, str] | None = None,
     ) -> requests.Response:
-        return super().send(request, stream, self._timeouts, verify, cert, proxies)
+        connect, read = CONNECT_TIMEOUT, self._read_timeout
+        left = self._time_left()
+        if left is not None:
+            connect, read = min(connect, left), min(read, left)
+        return super().send(request, stream, (connect, read), verify, cert, proxies)
 
 
 class TransitSource:
@@ -349,6 +360,8 @@ class TransitSource:
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.RLock()
+        #: When the retries of the call under way end (``None``: a single pass, no cut).
+        self._deadline: float | None = None
         self._clients: dict[str, hvac.Client] = {}
         self._token: str | None = None
         self._wrapped: _Wrapped | None = None
@@ -578,8 +591,8 @@ class TransitSource:
                 verify = str(self.ca_file)
             session = requests.Session()
             session.verify = verify
-            session.mount("http://", _TimeoutAdapter(self.request_timeout))
-            session.mount("https://", _TimeoutAdapter(self.request_timeout))
+            for scheme in ("http://", "https://"):
+                session.mount(scheme, _TimeoutAdapter(self.request_timeout, self._time_left))
             client = hvac.Client(url=url, verify=verify, namespace=self.namespace, session=session)
             self._clients[url] = client
         if self._token is not None:
@@ -668,23 +681,44 @@ class TransitSource:
         with self._lock:
             budget = self.start_timeout if timeout is None else timeout
             deadline = self._clock() + budget
-            delay = FIRST_BACKOFF
-            reasons: dict[str, str] = {}
-            while True:
-                for url in self.urls:
-                    try:
-                        return self._call_node(url, operation, what, refusal)
-                    except _Retry as retry:
-                        reasons[url] = str(retry)
-                    except _Refusal as refused:  # callers see plain KekError, nothing else
-                        raise KekError(str(refused)) from None
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    summary = "; ".join(f"{url}: {why}" for url, why in reasons.items())
-                    within = f" within {budget:g} s" if budget > 0 else ""
-                    raise KekError(f"no Transit node could answer{within} ({summary})")
-                self._sleep(min(delay, remaining))  # the last try comes at the deadline
-                delay = min(2 * delay, MAX_BACKOFF)
+            outer, self._deadline = self._deadline, deadline if budget > 0 else None
+            try:
+                return self._call_until(operation, what, refusal, budget, deadline)
+            finally:
+                self._deadline = outer
+
+    def _call_until(
+        self,
+        operation: Callable[[hvac.Client], T],
+        what: str,
+        refusal: Callable[[hvac.exceptions.VaultError], _Refusal] | None,
+        budget: float,
+        deadline: float,
+    ) -> T:
+        """The retry loop of :meth:`_call` (its lock held)."""
+        delay = FIRST_BACKOFF
+        reasons: dict[str, str] = {}
+        while True:
+            for url in self.urls:
+                try:
+                    return self._call_node(url, operation, what, refusal)
+                except _Retry as retry:
+                    reasons[url] = str(retry)
+                except _Refusal as refused:  # callers see plain KekError, nothing else
+                    raise KekError(str(refused)) from None
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                summary = "; ".join(f"{url}: {why}" for url, why in reasons.items())
+                within = f" within {budget:g} s" if budget > 0 else ""
+                raise KekError(f"no Transit node could answer{within} ({summary})")
+            self._sleep(min(delay, remaining))  # the last try comes at the deadline
+            delay = min(2 * delay, MAX_BACKOFF)
+
+    def _time_left(self) -> float | None:
+        """Seconds a request may take now: ``None`` outside a retried call."""
+        if self._deadline is None:
+            return None
+        return max(self._deadline - self._clock(), MIN_REQUEST_TIMEOUT)
 
     def _call_node(
         self,

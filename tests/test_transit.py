@@ -31,6 +31,7 @@ from kms_server.store import KeyStore, init_store, read_metadata
 from kms_server.transit import (
     FIRST_BACKOFF,
     MAX_BACKOFF,
+    MIN_REQUEST_TIMEOUT,
     HealthWatch,
     TransitSource,
     wrapped_version,
@@ -222,6 +223,20 @@ def test_backoff_is_exponential_and_bounded(token_file: Path) -> None:
     assert sleeps[:5] == [FIRST_BACKOFF * 2**n for n in range(5)]
     assert max(sleeps) == MAX_BACKOFF
     assert sum(sleeps) == 20  # the whole timeout, the last try at its very end
+
+
+def test_a_node_that_never_answers_does_not_stretch_the_start_timeout(token_file: Path) -> None:
+    """A listener that accepts and stays silent: each request's read timeout (10 s here)
+    is cut to what is left of the 2 s start timeout, so the failure comes near 2 s."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # the kernel completes each connect; nobody reads or answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        transit = TransitSource([url], token_file=token_file, start_timeout=2, request_timeout=10)
+        started = time.monotonic()
+        with pytest.raises(KekError, match="within 2 s"):
+            transit.obtain(UNREACHED_DESCRIPTION, "store")
+        assert time.monotonic() - started < 2 + MIN_REQUEST_TIMEOUT + 2  # not 10 s or more
 
 
 # --------------------------------------------------------------------------- round trips
