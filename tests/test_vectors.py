@@ -473,6 +473,20 @@ def test_vector_against_kmsd(daemons: DaemonPool, name: str, mode: str) -> None:
         run_vector(conn, vector, pipelined=mode == "pipelined")
 
 
+def test_vectors_run_in_any_order(daemons: DaemonPool) -> None:
+    """protocol.md section 9.1: all transcripts run against one daemon, in any order.
+
+    The test above replays them sorted by name; here they run newest name first on
+    a daemon of their own, so ``rekey`` comes before the ``INFO`` transcripts.
+    """
+    for name in reversed(vector_names()):
+        vector = load(name)
+        if vector.kmsd_args:
+            continue
+        with Connection(daemons.get("reversed").socket_path) as conn:
+            run_vector(conn, vector, pipelined=False)
+
+
 # --------------------------------------------------------------------------- beyond transcripts
 
 
