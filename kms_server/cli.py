@@ -408,10 +408,15 @@ def check_config(config_file: Path | None, **options: Any) -> None:
     """Validate settings and the ACL without starting (and without reading the KEK).
 
     Also what `serve` would stop on before reading the KEK: a directory that is not a
-    store, a KEK file it may not read, an audit log it cannot open.
+    store, a KEK file it may not read, an audit log it cannot open. With `--acl` and
+    no store, only the ACL: what an operator checks after editing it.
     """
     with one_line_errors():
         settings = settings_from(config_file, options)
+        if settings.store is None and settings.acl is not None:
+            acl = Acl.load(settings.acl)
+            click.echo(f"ACL OK: {acl.source} ({len(acl.rules)} rules)")
+            return
         read_metadata(settings.require_store())
         settings.kek_source()
         if settings.kek_file is not None and not os.access(settings.kek_file, os.R_OK):

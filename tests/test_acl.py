@@ -648,6 +648,13 @@ def test_check_config_validates_without_starting(short_tmp: Path) -> None:
     for result in results:
         assert result.stderr.count(b"\n") == 1, result.stderr
 
+    # An ACL alone, as after editing it: no store needed.
+    result = kmsd("check-config", "--acl", good)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(b"ACL OK: ")
+    assert_one_line_naming(kmsd("check-config", "--acl", bad), f"{bad}:4:")
+    assert kmsd("check-config").returncode == 2  # nothing to check
+
 
 def test_check_config_succeeds_while_a_daemon_holds_the_store(acl_daemon: Daemon) -> None:
     # It neither takes the store lock nor binds the socket, so it works beside a live daemon.

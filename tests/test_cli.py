@@ -463,6 +463,7 @@ def test_encrypt_decrypt_round_trips(daemon: Daemon, daemon_env: dict[str, str])
     assert_fails(kms(["decrypt", "demo", *aad], daemon_env, swapped), 18)
     assert_fails(kms(["encrypt", "demo"], daemon_env, b""), 5)
     assert_fails(kms(["encrypt", "nope"], daemon_env, b"x"), 14)
+    assert_fails(kms(["decrypt", "demo"], daemon_env, b"neither a stream nor a ciphertext\n"), 18)
 
     opened = kms(["decrypt", "demo", "--aad", "ctx"], daemon_env, raw)
     assert (opened.returncode, opened.stdout) == (0, b"one raw ciphertext")
