@@ -49,7 +49,7 @@ OPERATIONS = frozenset(verb.lower() for verb in VERBS if verb not in ALWAYS_ALLO
 
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 _MAX_GROUPS = 256
-_RULE_HEADER = re.compile(r"^\s*\[\[\s*allow\s*\]\]")
+_RULE_HEADER = re.compile(r"""^\s*\[\[\s*(?:allow|"allow"|'allow')\s*\]\]""")
 _RULE_KEYS = frozenset({"users", "groups", "keys", "operations"})
 
 
@@ -196,7 +196,8 @@ class _Lines:
     """The text of one rule (lines ``first``..``last``), to name the line of an error.
 
     tomllib keeps no positions, so a field is found as ``name =`` at the start
-    of a line, and a value as a quoted string between its field and the next.
+    of a line (or after ``{`` or ``,``, in an inline table), and a value as a
+    quoted string between its field and the next.
     """
 
     source: str
@@ -207,9 +208,9 @@ class _Lines:
     def _field_start(self, name: str) -> int | None:
         """The line where key or table ``name`` is defined (``name =`` or ``[[name]]``)."""
         quoted = rf"""(?:{re.escape(name)}|"{re.escape(name)}"|'{re.escape(name)}')"""
-        pattern = re.compile(rf"^\s*(?:{quoted}\s*=|\[+\s*{quoted}\s*\])")
+        pattern = re.compile(rf"(?:^\s*|[{{,]\s*)(?:{quoted}\s*=)|^\s*\[+\s*{quoted}\s*\]")
         for number in range(self.first, self.last + 1):
-            if pattern.match(self.lines[number - 1]):
+            if pattern.search(self.lines[number - 1]):
                 return number
         return None
 

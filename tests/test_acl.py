@@ -356,6 +356,31 @@ def test_unknown_user_in_a_multi_line_array_names_the_line_of_the_name() -> None
     assert error_line(text) == 4
 
 
+def test_errors_in_rules_under_quoted_headers_name_their_line() -> None:
+    # [["allow"]] and [['allow']] are the same table array as [[allow]].
+    text = toml(*GOOD_RULE, "[['allow']]", "users = [0]", 'keys = ["*"]', 'operations = ["all"]')
+    assert error_line(text) == len(GOOD_RULE) + 4
+
+
+@pytest.mark.parametrize(
+    ("second_rule", "line"),
+    [
+        ('{ users = [0], keys = ["a/*"], operations = ["enc", "all"] },', 3),
+        ('{ users = [0], keyz = ["a/*"], operations = ["enc"] },', 3),
+        (f'{{ users = ["{NO_USER}"], keys = ["a/*"], operations = ["enc"] }},', 3),
+    ],
+    ids=["unknown-operation", "unknown-field", "unknown-user"],
+)
+def test_errors_in_inline_table_rules_name_their_line(second_rule: str, line: int) -> None:
+    text = toml(
+        "allow = [",
+        '  { users = [0], keys = ["*"], operations = ["get"] },',
+        f"  {second_rule}",
+        "]",
+    )
+    assert error_line(text) == line
+
+
 @pytest.mark.parametrize("value", ['"root"', "[-1]", "[true]", "[1.5]", '[["root"]]'], ids=str)
 def test_users_of_the_wrong_type_name_the_users_line(value: str) -> None:
     text = toml("[[allow]]", 'keys = ["*"]', f"users = {value}", 'operations = ["get"]')
