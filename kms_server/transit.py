@@ -284,6 +284,20 @@ def _translate(
     return _Refusal(f"Transit refused the {what}: {reason}")
 
 
+def _read_key(client: hvac.Client, mount: str, key: str) -> Any:
+    """The answer to reading ``<mount>/keys/<key>``, or ``None`` when there is no such key.
+
+    ``hvac.Client.read`` gives ``None`` for any 404; a mount that does not exist is
+    a 404 too, with "no handler for route", and is refused as such.
+    """
+    try:
+        return client.adapter.get(f"/v1/{mount}/keys/{key}")
+    except hvac.exceptions.InvalidPath as error:
+        if "no handler for route" in _first_error(error):
+            raise _Refusal(f"no Transit secrets engine at mount {mount!r}") from None
+        return None
+
+
 class _TimeoutAdapter(requests.adapters.HTTPAdapter):
     """Every request with a short connect timeout (a dead node is skipped fast) and a read one,
     both cut to ``time_left()`` seconds when that is not ``None``."""
@@ -518,7 +532,7 @@ class TransitSource:
     def _check_key_for_init(self, client: hvac.Client, mount: str, key: str) -> None:
         """With ``read`` on the key: refuse a missing, underived or non-encrypting key early."""
         try:
-            answer = client.read(f"{mount}/keys/{key}")
+            answer = _read_key(client, mount, key)
         except hvac.exceptions.Forbidden:
             return  # a least-privilege token; the binding probe still checks derivation
         if answer is None:
@@ -646,7 +660,7 @@ class TransitSource:
         if wrapped is None:
             return
         try:
-            answer = client.read(f"{wrapped.mount}/keys/{wrapped.key}")
+            answer = _read_key(client, wrapped.mount, wrapped.key)
         except hvac.exceptions.Forbidden:
             self._check_unwrap(client, wrapped)  # no read permission: the unwrap tells all
             return

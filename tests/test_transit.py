@@ -286,9 +286,9 @@ def test_key_that_is_not_derived_is_refused_at_init(
 
 
 def test_missing_key_and_mount_are_refused_at_init(shared_bao: DevServer, token_file: Path) -> None:
-    with pytest.raises(KekError):
+    with pytest.raises(KekError, match="Transit key 'no-such-key' not found at mount 'transit'"):
         source(shared_bao, "no-such-key", token_file).describe_new("store")
-    with pytest.raises(KekError):
+    with pytest.raises(KekError, match="no Transit secrets engine at mount 'no-such-mount'"):
         source(shared_bao, "k", token_file, mount="no-such-mount").describe_new("store")
     with pytest.raises(KekError):
         TransitSource([shared_bao.url], token_file=token_file).describe_new("store")  # no key
@@ -323,6 +323,20 @@ def test_deleted_key_is_refused(shared_bao: DevServer, key: str, token_file: Pat
     assert time.monotonic() - started < 5  # final at once, not retried
     assert type(caught.value) is KekError  # kmsd maps exact types to exit codes
     assert transit.health().startswith("degraded: ")
+
+
+def test_a_mount_disabled_while_serving_is_named_as_such(
+    shared_bao: DevServer, token_file: Path
+) -> None:
+    admin = shared_bao.admin()
+    mount = f"transit-{uuid.uuid4().hex[:8]}"
+    openbao.enable_transit(admin, mount)
+    write(admin, f"{mount}/keys/k", derived=True)
+    transit = source(shared_bao, "k", token_file, mount=mount, start_timeout=30)
+    transit.obtain(transit.describe_new("store"), "store")
+    assert transit.health() == "ok"
+    admin.delete(f"sys/mounts/{mount}")  # disable the secrets engine
+    assert transit.health() == f"degraded: no Transit secrets engine at mount {mount!r}"
 
 
 def test_raised_min_decryption_version_is_refused_and_rewrap_first_avoids_it(
