@@ -20,6 +20,8 @@ from tests.conftest import Daemon, make_store
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 KMSD = Path(sys.executable).parent / "kmsd"
+#: The flag /proc/net/unix shows on a listening socket (the kernel's __SO_ACCEPTCON).
+_SO_ACCEPTCON = 0x10000
 
 needs_systemd = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None or shutil.which("systemd-socket-activate") is None,
@@ -151,7 +153,7 @@ def activated(short_tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, 
         stderr=log_file,
     )
     deadline = time.monotonic() + 10
-    while not socket_path.exists() and time.monotonic() < deadline:
+    while not listening(socket_path) and time.monotonic() < deadline:
         time.sleep(0.01)
     try:
         yield process, socket_path, listener
@@ -161,6 +163,19 @@ def activated(short_tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, 
             process.wait(10)
         listener.close()
         log_file.close()
+
+
+def listening(socket_path: Path) -> bool:
+    """Whether a socket listens at ``socket_path`` (``/proc/net/unix``), without connecting.
+
+    The file appears at bind(), a moment before listen(): a connect between the two
+    is refused. A probe connect would start kmsd before the test means to.
+    """
+    for entry in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = entry.split()
+        if len(fields) >= 8 and fields[7] == str(socket_path):
+            return int(fields[3], 16) & _SO_ACCEPTCON != 0
+    return False
 
 
 def ask(socket_path: Path, payload: bytes) -> bytes:
@@ -237,7 +252,7 @@ def test_the_socket_systemd_passed_is_the_one_announced_whatever_the_config_says
     )
     try:
         deadline = time.monotonic() + 10
-        while not real.exists() and time.monotonic() < deadline:
+        while not listening(real) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert ask(real, b"PING\n") == b"OK PONG\n"
         assert (daemon.store / ".lock").read_text().strip() == str(real)
