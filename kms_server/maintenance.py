@@ -355,8 +355,23 @@ def online_rekeyer(store: KeyStore, passphrase_timeout: float) -> Rekeyer:
                 raise BadRequest("cannot obtain the new KEK; see the daemon log") from None
             try:
                 with store.write_lock():
-                    built = build_generation(store.directory, store.sealer, new_kek, description)
-                    switch_live(store.directory, built[0])
+                    try:
+                        built = build_generation(
+                            store.directory, store.sealer, new_kek, description
+                        )
+                    except Exception:  # a full disk, a damaged key file: nothing switched
+                        discard_unfinished_generation(store.directory)
+                        raise
+                    try:
+                        switch_live(store.directory, built[0])
+                    except OSError:
+                        if not is_live(store.directory, built[0]):
+                            discard_unfinished_generation(store.directory)
+                            raise
+                        # The rename happened; only making it durable failed. The new
+                        # generation is the store now: serving the old one would write
+                        # where no restart looks.
+                        log.exception("REKEY: generation switched, but its fsync failed")
             finally:
                 wipe(new_kek)
             return built
@@ -364,10 +379,29 @@ def online_rekeyer(store: KeyStore, passphrase_timeout: float) -> Rekeyer:
         built: tuple[Path, StoreMetadata, Sealer] = await run_blocking(work)
         generation, metadata, sealer = built
         store.adopt_generation(generation, metadata, sealer)
-        await run_blocking(lambda: remove_other_generations(store.directory))
         log.info(
             "REKEY: store re-sealed under a new %s KEK, generation %d", kind, metadata.generation
         )
+        try:
+            await run_blocking(lambda: remove_other_generations(store.directory))
+        except OSError as error:  # the rekey is done: the next start removes what is left
+            log.error("REKEY: cannot remove the old generation: %s", error)
         return metadata.generation
 
     return rekey
+
+
+def is_live(store_dir: Path, generation: Path) -> bool:
+    """Whether ``live`` names ``generation`` (after a failed switch: did the rename happen?)."""
+    try:
+        return live_generation(store_dir) == generation
+    except (OSError, StoreError):
+        return False
+
+
+def discard_unfinished_generation(store_dir: Path) -> None:
+    """Remove a generation a failed online rekey left half-made (it may fill the disk)."""
+    try:
+        remove_other_generations(store_dir)
+    except (OSError, StoreError) as error:
+        log.error("REKEY: cannot remove the unfinished generation: %s", error)

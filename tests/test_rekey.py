@@ -12,6 +12,7 @@ next open or ``kmsd rekey --repair``.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -27,10 +28,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
+import trio
 
 from kms_client.errors import Retired
 from kms_server.crypto import random_bytes
 from kms_server.kek import KekFile
+from kms_server import maintenance
 from kms_server.maintenance import verify
 from kms_server.store import (
     KEYS_DIR,
@@ -39,6 +42,7 @@ from kms_server.store import (
     WRITE_LOCK_NAME,
     KeyStore,
     StoreError,
+    init_store,
     read_metadata,
 )
 from tests.conftest import KMSD, Daemon, kmsd, kmsd_all, make_store
@@ -795,3 +799,85 @@ def test_rewrap_of_a_store_whose_kek_is_not_transit_is_a_kek_source_error(
     )  # fmt: skip
     assert result.returncode == EXIT_KEK, result.stderr
     assert result.stderr.count(b"\n") == 1
+
+
+# --------------------------------------------------------------------------- online rekey, failed writes
+# The daemon's REKEY in process, on a real store, with one file-system step made to fail
+# (EIO, ENOSPC) where a dying disk would fail it.
+
+
+def online_rekey(store: KeyStore, new_kek_file: Path) -> int:
+    rekey = maintenance.online_rekeyer(store, passphrase_timeout=10.0)
+
+    async def run() -> int:
+        return await rekey("file", str(new_kek_file), trio.to_thread.run_sync)
+
+    return trio.run(run)
+
+
+@pytest.fixture
+def served_store(short_tmp: Path) -> Iterator[tuple[KeyStore, Path]]:
+    store_dir = short_tmp / "s"
+    kek = random_bytes(32)
+    init_store(store_dir, kek, {"kind": "file"}, "2026-01-01T00:00:00Z")
+    new_kek_file = short_tmp / "new-kek"
+    new_kek_file.write_text(random_bytes(32).hex())
+    new_kek_file.chmod(0o600)
+    store = KeyStore(store_dir, kek, clock=lambda: "2026-01-01T00:00:00Z")
+    try:
+        store.add(store.write_version("before", 1, exportable=True))
+        yield store, new_kek_file
+    finally:
+        store.close()
+
+
+def test_online_rekey_whose_switch_is_not_made_durable_still_takes_effect(
+    served_store: tuple[KeyStore, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename of ``live`` happened, its directory fsync failed: the new generation is
+    the store now, so the daemon must write there and say the rekey was done."""
+    store, new_kek_file = served_store
+    real_switch = maintenance.switch_live
+
+    def switch_then_fail(store_dir: Path, generation: Path) -> None:
+        real_switch(store_dir, generation)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(maintenance, "switch_live", switch_then_fail)
+    assert online_rekey(store, new_kek_file) == 2
+    store.add(store.write_version("after", 1, exportable=True))
+    live_keys = store.directory / LIVE_LINK / KEYS_DIR
+    assert read_metadata(store.directory).generation == 2
+    assert (live_keys / "after").is_dir()  # where a restart will look for it
+    assert (live_keys / "before").is_dir()
+
+
+def test_online_rekey_that_fails_before_the_switch_leaves_no_generation_behind(
+    served_store: tuple[KeyStore, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, new_kek_file = served_store
+
+    def full_disk(store_dir: Path, generation: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(maintenance, "switch_live", full_disk)
+    with pytest.raises(OSError):
+        online_rekey(store, new_kek_file)
+    generations = sorted(p.name for p in store.directory.iterdir() if p.name.startswith("gen-"))
+    assert generations == ["gen-1"]  # the half-made gen-2 does not keep the disk full
+    assert store.metadata.generation == 1
+    store.add(store.write_version("after", 1, exportable=False))
+    assert read_metadata(store.directory).generation == 1
+
+
+def test_online_rekey_whose_cleanup_fails_is_still_done(
+    served_store: tuple[KeyStore, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, new_kek_file = served_store
+
+    def cannot_remove(store_dir: Path) -> list[str]:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(maintenance, "remove_other_generations", cannot_remove)
+    assert online_rekey(store, new_kek_file) == 2
+    assert read_metadata(store.directory).generation == 2
