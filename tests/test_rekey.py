@@ -31,9 +31,9 @@ import pytest
 import trio
 
 from kms_client.errors import Retired
+from kms_server import maintenance
 from kms_server.crypto import random_bytes
 from kms_server.kek import KekFile
-from kms_server import maintenance
 from kms_server.maintenance import verify
 from kms_server.store import (
     KEYS_DIR,
