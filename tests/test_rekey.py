@@ -801,9 +801,9 @@ def test_rewrap_of_a_store_whose_kek_is_not_transit_is_a_kek_source_error(
     assert result.stderr.count(b"\n") == 1
 
 
-# --------------------------------------------------------------------------- online rekey, failed writes
-# The daemon's REKEY in process, on a real store, with one file-system step made to fail
-# (EIO, ENOSPC) where a dying disk would fail it.
+# --------------------------------------------------------------------------- failed writes
+# The daemon's online REKEY in process, on a real store, with one file-system step made to
+# fail (EIO, ENOSPC) where a dying or full disk would fail it.
 
 
 def online_rekey(store: KeyStore, new_kek_file: Path) -> int:
