@@ -44,6 +44,7 @@ from kms_server.store import (
     StoreError,
     init_store,
     read_metadata,
+    switch_live,
 )
 from tests.conftest import KMSD, Daemon, kmsd, kmsd_all, make_store
 from tests.users import Conn, b64, code_of, running
@@ -837,7 +838,7 @@ def test_online_rekey_whose_switch_is_not_made_durable_still_takes_effect(
     """The rename of ``live`` happened, its directory fsync failed: the new generation is
     the store now, so the daemon must write there and say the rekey was done."""
     store, new_kek_file = served_store
-    real_switch = maintenance.switch_live
+    real_switch = switch_live
 
     def switch_then_fail(store_dir: Path, generation: Path) -> None:
         real_switch(store_dir, generation)
