@@ -304,22 +304,37 @@ class Server:
         lets the connections run between keys: a first check over many rotating keys
         opens each once, which must not hold up the requests being served.
         """
-        dispatcher = self._dispatcher
+        failing: set[str] = set()  # keys whose check failed: said once, until it works again
         while True:
             await trio.sleep(self._limits.rotation_check_interval)
-            for key_id in list(dispatcher.store.rotation):
+            for key_id in list(self._dispatcher.store.rotation):
                 await trio.lowlevel.checkpoint()
-                if not dispatcher.rotation_due(key_id, time.time()):
-                    continue
-                async with self._write_lock:
-                    outcome = await dispatcher.rotate_if_due(key_id, trio.to_thread.run_sync)
-                if outcome is None:
-                    continue  # no longer due: CONFIG rotate=off or a ROTATE came first
-                reply, version = outcome
-                if version is not None:
-                    log.info("%s: rotated automatically to version %d", key_id, version)
-                else:
-                    log.error("%s: automatic rotation failed: %s", key_id, reply.decode().strip())
+                try:
+                    failure = await self._rotate_if_due(key_id)
+                except OSError as error:  # out of descriptors, a failing disk: try again later
+                    failure = f"cannot check its rotation: {error}"
+                if failure is None:
+                    if key_id in failing:
+                        failing.discard(key_id)
+                        log.info("%s: its rotation check works again", key_id)
+                elif key_id not in failing:
+                    failing.add(key_id)
+                    log.error("%s: %s; will retry at each check", key_id, failure)
+
+    async def _rotate_if_due(self, key_id: str) -> str | None:
+        """Rotate ``key_id`` if it is due; what went wrong, or ``None``."""
+        dispatcher = self._dispatcher
+        if not dispatcher.rotation_due(key_id, time.time()):
+            return None
+        async with self._write_lock:
+            outcome = await dispatcher.rotate_if_due(key_id, trio.to_thread.run_sync)
+        if outcome is None:
+            return None  # no longer due: CONFIG rotate=off or a ROTATE came first
+        reply, version = outcome
+        if version is None:
+            return f"automatic rotation failed: {reply.decode().strip()}"
+        log.info("%s: rotated automatically to version %d", key_id, version)
+        return None
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         if self._connections >= self._limits.max_connections:

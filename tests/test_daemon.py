@@ -665,6 +665,38 @@ def test_out_of_descriptors_the_daemon_keeps_serving_and_accepts_later(short_tmp
         daemon.discard()
 
 
+def test_a_rotation_check_that_cannot_open_files_does_not_stop_the_daemon(
+    short_tmp: Path,
+) -> None:
+    """The first rotation check after a start reads each rotating key's files. Out of
+    descriptors (EMFILE), that read fails: the daemon logs it once and goes on."""
+    daemon = FewFilesDaemon(short_tmp / "few")
+    make_store(daemon.root)
+    daemon.start()
+    assert ask(daemon.socket_path, b"CREATE rot/k rotate=1h") == b"OK 1"
+    daemon.stop()
+    daemon.extra_args = ["--rotation-check-interval", "0.5"]
+    daemon.start()  # rot/k is in the rotation index, not yet read
+    held = [Conn(daemon.socket_path) for _ in range(2 * FEW_FILES)]
+    try:
+        deadline = time.monotonic() + 10
+        while b"cannot check its rotation" not in daemon.log.read_bytes():
+            assert daemon.process is not None
+            assert daemon.process.poll() is None, "the daemon died"
+            assert time.monotonic() < deadline, "the rotation check never ran out of descriptors"
+            time.sleep(0.05)
+        time.sleep(1.0)  # two more checks, still short of descriptors
+        for conn in held:
+            conn.close()
+        assert first_reply(daemon.socket_path) == b"OK PONG"
+        assert daemon.stop() == 0
+        assert daemon.log.read_text().count("cannot check its rotation") == 1
+    finally:
+        for conn in held:
+            conn.close()
+        daemon.discard()
+
+
 def test_idle_connection_is_closed(start_daemon: Callable[..., Daemon]) -> None:
     daemon = start_daemon("--idle-timeout", "1")
     with Conn(daemon.socket_path) as conn:
