@@ -225,6 +225,7 @@ class Dispatcher:
             return format_error(error), None
         except Exception:
             log.exception("internal error while serving %s", request.verb)
+            self.store.resync(getattr(request, "key_id", None))
             return format_error(InternalError()), None
 
     async def _create(self, request: Create, run_blocking: ThreadRunner[Any]) -> Reply:

@@ -54,7 +54,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kms_client.errors import InternalError, KeyExists, KeyNotFound, Retired
+from kms_client.errors import InternalError, KeyExists, KeyNotFound, KmsError, Retired
 from kms_server.crypto import (
     KEY_SIZE,
     XAES256GCM,
@@ -457,6 +457,14 @@ class KeyRecord:
         self.opened.clear()
 
 
+def _unfinished_create(state: KeyState) -> bool:
+    """A state naming version 1 alone, never used: what a CREATE writes before the file."""
+    if set(state.usage) != {1}:
+        return False
+    usage = state.usage[1]
+    return not (usage.encryptions or usage.decryptions or usage.bytes) and usage.state == ACTIVE
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -577,27 +585,34 @@ class KeyStore:
                 log.info("key %s: erased version %d, destroyed before a crash", key_id, number)
             fsync_directory(directory)
             files = [number for number in files if number not in leftovers]
+        if not files and _unfinished_create(state):
+            return None  # not a key yet: every verb says NOT_FOUND, a CREATE replaces it
         return KeyRecord(key_id, files, state)
 
     def ready_for_create(self, key_id: str) -> bool:
         """Whether a CREATE of ``key_id`` may write it: no such key, or only the state
-        file of a CREATE that a crash cut short.
-
-        CREATE writes the state (version 1, never used) before the version file. A
-        key whose files were deleted looks the same once its state names nothing
-        else: a CREATE may replace either, which loses nothing. The stale record is
-        dropped from the cache, so the CREATE publishes a fresh one.
+        file of a CREATE that failed or was cut short (which :meth:`_scan` ignores).
         """
-        record = self._cache.get(key_id) or self._scan(key_id)
-        if record is None:
-            return True
-        if record.files or set(record.state.usage) != {1}:
-            return False
-        usage = record.state.usage[1]
-        if usage.encryptions or usage.decryptions or usage.bytes or usage.state != ACTIVE:
-            return False
-        self._cache.pop(key_id, None)
-        return True
+        return not self.exists(key_id)
+
+    def resync(self, key_id: str | None) -> None:
+        """After a write that failed part-way: forget what memory holds about ``key_id``
+        and the rotation index, so both are read again from what the disk now says.
+
+        A failed ROTATE may have left its version file, a failed DESTROY its state:
+        serving from memory would hide one and, at the next counter flush, write the
+        old state back over the other. Counters not yet flushed for the key are lost.
+        """
+        if key_id is not None:
+            record = self._cache.pop(key_id, None)
+            if record is not None:
+                record.wipe()
+            self.dirty.discard(key_id)
+            self._latest_created.pop(key_id, None)
+        try:
+            self.rotation = self._read_rotation()
+        except (OSError, KmsError) as error:  # keep the index in memory; CONFIG rewrites it
+            log.error("cannot read the rotation index again: %s", error)
 
     def record(self, key_id: str) -> KeyRecord:
         """The cached record of ``key_id``, listing its directory on a miss."""

@@ -21,7 +21,8 @@ import pytest
 import trio
 
 from kms_client.errors import KeyExists, KeyNotFound
-from kms_client.protocol import parse_request
+from kms_client.protocol import Decrypt, Encrypt, Get, parse_request
+from kms_server import store as store_module
 from kms_server.crypto import KEY_SIZE, random_bytes
 from kms_server.dispatch import Dispatcher
 from kms_server.files import replace_file, write_new_file
@@ -35,6 +36,7 @@ from kms_server.kek import (
     read_small_file,
 )
 from kms_server.keys import KeyVersion
+from kms_server.maintenance import verify
 from kms_server.store import (
     KEYS_DIR,
     LIVE_LINK,
@@ -930,3 +932,103 @@ def test_info_opens_only_the_latest_version_and_upgrades_an_old_state_file(
     assert sorted(opened) == [1, 2, 3, 4, 5]
     assert info_after_restart() == expected
     assert opened == [5]
+
+
+# --------------------------------------------------------------------------- failed writes
+# A full or failing disk, which this machine cannot safely provide, stood in for by one
+# file-system step that raises (ENOSPC, EIO) at the point a real one would.
+
+
+class FailingWrites:
+    """The daemon's write path on a real store, with one step made to fail once."""
+
+    def __init__(self, store_dir: Path, kek: bytes) -> None:
+        self.store = KeyStore(store_dir, kek, clock=clock)
+        self.dispatcher = Dispatcher(self.store, "test")
+
+    def ask(self, line: bytes) -> bytes:
+        request = parse_request(line)
+        if type(request) in (Encrypt, Decrypt, Get):
+            return self.dispatcher.respond(request)[0]
+        return trio.run(self.dispatcher.respond_write, request, trio.to_thread.run_sync)[0]
+
+    def flush_counters(self) -> None:
+        """What the daemon's periodic counter flush writes."""
+        for key_id, state in self.store.state_snapshot(self.store.dirty):
+            self.store.write_state(key_id, state)
+        self.store.dirty.clear()
+
+
+def fail_once(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, after: bool) -> None:
+    """Make ``owner.name`` raise ENOSPC once: before doing its work, or after it."""
+    real = getattr(owner, name)
+    calls = []
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) > 1:
+            return real(*args, **kwargs)
+        if after:
+            real(*args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+def problems(store_dir: Path, kek: bytes) -> list[str]:
+    return [problem for report in verify(store_dir, kek) for problem in report.problems]
+
+
+def test_a_rotate_whose_state_write_fails_does_not_block_the_next(
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version file is written, the state is not: the next ROTATE answered EXISTS
+    for good. Now the daemon reads the key again and goes on past that version."""
+    writes = FailingWrites(store_dir, kek)
+    try:
+        assert writes.ask(b"CREATE f/r") == b"OK 1\n"
+        fail_once(monkeypatch, KeyStore, "write_state", after=False)
+        assert writes.ask(b"ROTATE f/r").startswith(b"ERR INTERNAL")
+        assert writes.ask(b"ROTATE f/r") == b"OK 3\n"  # 2 was written, never acknowledged
+    finally:
+        writes.store.close()
+    assert problems(store_dir, kek) == []
+
+
+def test_a_destroy_cut_short_by_a_failing_disk_stays_destroyed(
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state says destroyed and the file is unlinked, then the directory fsync fails:
+    memory must not keep serving version 1, nor flush its old state over the new one."""
+    writes = FailingWrites(store_dir, kek)
+    try:
+        assert writes.ask(b"CREATE f/d") == b"OK 1\n"
+        ciphertext = writes.ask(b"ENC f/d aGk=").split()[1]
+        assert writes.ask(b"ROTATE f/d") == b"OK 2\n"
+        fail_once(monkeypatch, KeyStore, "remove_version_file", after=True)
+        assert writes.ask(b"DESTROY f/d 1").startswith(b"ERR INTERNAL")
+        assert writes.ask(b"DEC f/d " + ciphertext).startswith(b"ERR RETIRED")
+        assert writes.ask(b"ENC f/d aGk=").startswith(b"OK ")  # version 2 serves on
+        writes.flush_counters()
+    finally:
+        writes.store.close()
+    assert problems(store_dir, kek) == []
+
+
+def test_a_create_whose_version_file_fails_is_no_key(
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CREATE wrote the state, then not the version file: not a key, for every verb,
+    the rotation check included, until a new CREATE makes it one."""
+    writes = FailingWrites(store_dir, kek)
+    try:
+        fail_once(monkeypatch, store_module, "write_new_file", after=False)
+        assert writes.ask(b"CREATE f/c exportable rotate=1s").startswith(b"ERR INTERNAL")
+        assert writes.ask(b"GET f/c").startswith(b"ERR NOT_FOUND")
+        assert writes.ask(b"ROTATE f/c").startswith(b"ERR NOT_FOUND")
+        assert not writes.dispatcher.rotation_due("f/c", time.time() + 3600)
+        assert writes.ask(b"CREATE f/c exportable") == b"OK 1\n"
+        assert writes.ask(b"GET f/c").startswith(b"OK 1 ")
+    finally:
+        writes.store.close()
+    assert problems(store_dir, kek) == []
