@@ -97,5 +97,9 @@ def replace_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably, replacing any old content."""
     temporary = temporary_path(path)
     write_fsynced(temporary, data)
-    os.replace(temporary, path)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a failing disk must not collect leftovers
+        raise
     fsync_directory(path.parent)

@@ -201,6 +201,7 @@ class Server:
         self._access = access
         self._audit = audit
         self._write_lock = trio.Lock()
+        self._counters_failing = False  # the last counter flush failed (and said so)
         self._connections = 0
         self._connection_ids = itertools.count(1)
         self._stopping = False
@@ -235,7 +236,10 @@ class Server:
             for scope in self._waiting_for_input:
                 scope.deadline = min(scope.deadline, last_call)
             connections.cancel_scope.deadline = trio.current_time() + self._limits.grace_period
+        self._counters_failing = False  # a failure now is said again, and is final
         await self.flush_counters()
+        if self._counters_failing:
+            log.error("usage counters since the last good flush are lost")
 
     async def _accept(self, connections: trio.Nursery) -> None:
         """Accept connections and start a task for each in ``connections``.
@@ -290,7 +294,16 @@ class Server:
                 await trio.to_thread.run_sync(write)
             except OSError as exc:
                 store.dirty |= dirty
-                log.error("cannot write usage counters: %s; will retry", exc.strerror)
+                if not self._counters_failing:  # once, not at every flush
+                    self._counters_failing = True
+                    log.error(
+                        "cannot write usage counters: %s (kept in memory, tried at each flush)",
+                        exc.strerror,
+                    )
+                return
+            if self._counters_failing:
+                self._counters_failing = False
+                log.info("usage counters written again")
 
     async def _flush_counters_periodically(self) -> None:
         while True:

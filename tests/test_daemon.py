@@ -697,6 +697,35 @@ def test_a_rotation_check_that_cannot_open_files_does_not_stop_the_daemon(
         daemon.discard()
 
 
+def test_a_counter_flush_that_keeps_failing_is_logged_once(short_tmp: Path) -> None:
+    """The key's directory made immutable (chattr +i: even root may not write there)."""
+    daemon = make_store(short_tmp / "d")
+    daemon.extra_args = ["--counter-flush-interval", "0.1"]
+    daemon.start()
+    try:
+        assert ask(daemon.socket_path, b"CREATE flush/k") == b"OK 1"
+        directory = daemon.store.joinpath("live", "keys", "flush", "k").resolve()
+        if (
+            subprocess.run(["chattr", "+i", directory], capture_output=True, check=False).returncode
+            != 0
+        ):
+            pytest.skip("chattr +i is not supported on this file system")
+        try:
+            for _ in range(3):  # each makes the counters dirty; a flush follows every 0.1 s
+                assert ask(daemon.socket_path, b"ENC flush/k aGk=").startswith(b"OK ")
+                time.sleep(0.4)
+        finally:
+            subprocess.run(["chattr", "-i", directory], check=True)
+        deadline = time.monotonic() + 10
+        while b"usage counters written again" not in daemon.log.read_bytes():
+            assert time.monotonic() < deadline, "the flush never recovered"
+            time.sleep(0.05)
+        assert daemon.log.read_text().count("cannot write usage counters") == 1
+        assert not [name for name in os.listdir(directory) if name.startswith(".tmp-")]
+    finally:
+        daemon.stop()
+
+
 def test_idle_connection_is_closed(start_daemon: Callable[..., Daemon]) -> None:
     daemon = start_daemon("--idle-timeout", "1")
     with Conn(daemon.socket_path) as conn:

@@ -837,6 +837,15 @@ def test_a_failed_write_leaves_no_file_behind(
     with pytest.raises(OSError, match="No space"):
         write_new_file(tmp_path / "_v1.key", b"sealed")
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    def failing_replace(source: object, target: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="Input/output"):
+        replace_file(tmp_path / "state.seal", b"sealed")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_rotation_check_opens_a_key_once_not_at_every_check(
