@@ -31,7 +31,7 @@ log collector) is written in pieces that ``poll`` says fit, waiting at most
 ``SINK_STALL_SECONDS`` a batch: a reader that stops reading must not freeze the
 event loop (and with it every connection and SIGTERM). As on a full disk, lines it
 cannot take are dropped and the loss is logged; a line cut short is ended before
-the next one, so every line stays one JSON object.
+the next one, so the lines after it are whole JSON objects (the cut one is not).
 """
 
 from __future__ import annotations
