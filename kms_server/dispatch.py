@@ -223,6 +223,11 @@ class Dispatcher:
             raise InternalError("unknown write request")
         except KmsError as error:
             return format_error(error), None
+        except OSError as error:  # a full or failing disk: one line, no traceback
+            key_id = getattr(request, "key_id", None)
+            log.error("%s %s failed: %s", request.verb, key_id or "", error)
+            self.store.resync(key_id)
+            return format_error(InternalError()), None
         except Exception:
             log.exception("internal error while serving %s", request.verb)
             self.store.resync(getattr(request, "key_id", None))

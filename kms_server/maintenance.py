@@ -181,9 +181,13 @@ def backup(store_dir: Path, out: Path) -> int:
                     archive.addfile(info, io.BytesIO(data))
                     count += 1
     temporary = temporary_path(out)
-    write_fsynced(temporary, buffer.getvalue())
-    os.replace(temporary, out)
-    fsync_directory(out.parent)
+    try:
+        write_fsynced(temporary, buffer.getvalue())
+        os.replace(temporary, out)
+        fsync_directory(out.parent)
+    except OSError as error:  # a full disk names no file by itself: say which one
+        temporary.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(out)) from None
     return count
 
 

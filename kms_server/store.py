@@ -530,7 +530,8 @@ class KeyStore:
             record.wipe()
         self._cache.clear()
         if self._lock_fd >= 0:
-            os.ftruncate(self._lock_fd, 0)
+            with contextlib.suppress(OSError):  # a failing disk must not fail the stop
+                os.ftruncate(self._lock_fd, 0)
             self._lock.__exit__(None, None, None)
             self._lock_fd = -1
 

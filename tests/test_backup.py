@@ -382,3 +382,10 @@ def test_a_missing_store_is_a_store_error(stopped: Daemon, short_tmp: Path) -> N
     ]
     assert not (short_tmp / "out.backup").exists()
     assert a_file.read_bytes() == b"not a directory"
+
+
+def test_a_backup_that_cannot_be_written_names_its_file(stopped: Daemon, short_tmp: Path) -> None:
+    out = short_tmp / "absent" / "kms.backup"  # as unwritable as a full disk, and safe here
+    result = kmsd("backup", "--store", stopped.store, "--out", out)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.decode().strip() == f"kmsd: error: No such file or directory: {out}"

@@ -989,7 +989,7 @@ def problems(store_dir: Path, kek: bytes) -> list[str]:
 
 
 def test_a_rotate_whose_state_write_fails_does_not_block_the_next(
-    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The version file is written, the state is not: the next ROTATE answered EXISTS
     for good. Now the daemon reads the key again and goes on past that version."""
@@ -998,6 +998,9 @@ def test_a_rotate_whose_state_write_fails_does_not_block_the_next(
         assert writes.ask(b"CREATE f/r") == b"OK 1\n"
         fail_once(monkeypatch, KeyStore, "write_state", after=False)
         assert writes.ask(b"ROTATE f/r").startswith(b"ERR INTERNAL")
+        failed = [r for r in caplog.records if "ROTATE f/r failed" in r.getMessage()]
+        assert [r.exc_info for r in failed] == [None]  # one line with the cause, no traceback
+        assert "No space left on device" in failed[0].getMessage()
         assert writes.ask(b"ROTATE f/r") == b"OK 3\n"  # 2 was written, never acknowledged
     finally:
         writes.store.close()
