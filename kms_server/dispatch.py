@@ -225,7 +225,8 @@ class Dispatcher:
             return format_error(error), None
         except OSError as error:  # a full or failing disk: one line, no traceback
             key_id = getattr(request, "key_id", None)
-            log.error("%s %s failed: %s", request.verb, key_id or "", error)
+            what = request.verb if key_id is None else f"{request.verb} {key_id}"
+            log.error("%s failed: %s", what, error)
             self.store.resync(key_id)
             return format_error(InternalError()), None
         except Exception:

@@ -368,14 +368,14 @@ def online_rekeyer(store: KeyStore, passphrase_timeout: float) -> Rekeyer:
                         raise
                     try:
                         switch_live(store.directory, built[0])
-                    except OSError:
+                    except OSError as error:
                         if not is_live(store.directory, built[0]):
                             discard_unfinished_generation(store.directory)
                             raise
                         # The rename happened; only making it durable failed. The new
                         # generation is the store now: serving the old one would write
                         # where no restart looks.
-                        log.exception("REKEY: generation switched, but its fsync failed")
+                        log.error("REKEY: generation switched, but its fsync failed: %s", error)
             finally:
                 wipe(new_kek)
             return built
