@@ -53,7 +53,6 @@ from kms_server.store import (
     read_metadata,
     remove_other_generations,
     switch_live,
-    unfinished_create,
     walk_key_ids,
     write_generation_skeleton,
 )
@@ -273,18 +272,15 @@ def verify(store_dir: Path, kek: bytes | bytearray) -> list[KeyReport]:
     keys_dir = generation / KEYS_DIR
     for key_id in sorted(walk_key_ids(keys_dir)):
         directory = keys_dir.joinpath(*key_id.split("/"))
-        key_report = _verify_key(sealer, key_id, directory, rotation)
-        if key_report is not None:
-            reports.append(key_report)
+        reports.append(_verify_key(sealer, key_id, directory, rotation))
     return reports
 
 
 def _verify_key(
     sealer: Sealer, key_id: str, directory: Path, rotation: dict[str, int] | None
-) -> KeyReport | None:
+) -> KeyReport:
     """One key's seals, its state against its files, and its period against the index
-    (``rotation``; None when the index itself does not open). ``None`` for the state
-    file alone of a CREATE that failed or was cut short: no key, as the daemon sees it."""
+    (``rotation``; None when the index itself does not open)."""
     report = KeyReport(key_id)
     files = key_file_versions(directory)
     state = KeyState()
@@ -301,8 +297,6 @@ def _verify_key(
             )
         except KmsError:
             report.problems.append("state file does not open (edited, corrupted or swapped)")
-        if not files and unfinished_create(state):
-            return None
         if rotation is not None and rotation.get(key_id) != state.rotate_period:
             report.problems.append(
                 f"rotation period {format_period_or_off(state.rotate_period)} in its state,"
@@ -323,7 +317,10 @@ def _verify_key(
     for number in range(1, latest + 1):
         destroyed = state.usage.get(number) is not None and state.usage[number].state == DESTROYED
         if number not in files and not destroyed:
-            report.problems.append(f"version {number}: file missing")
+            report.problems.append(
+                f"version {number}: file missing"
+                + (" (or a CREATE cut short: a new CREATE replaces it)" if not files else "")
+            )
         if number in files and destroyed:
             report.problems.append(f"version {number}: destroyed but its file is still there")
     report.versions = len(known)

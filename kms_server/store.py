@@ -457,7 +457,7 @@ class KeyRecord:
         self.opened.clear()
 
 
-def unfinished_create(state: KeyState) -> bool:
+def _unfinished_create(state: KeyState) -> bool:
     """A state naming version 1 alone, never used: what a CREATE writes before the file."""
     if set(state.usage) != {1}:
         return False
@@ -586,7 +586,7 @@ class KeyStore:
                 log.info("key %s: erased version %d, destroyed before a crash", key_id, number)
             fsync_directory(directory)
             files = [number for number in files if number not in leftovers]
-        if not files and unfinished_create(state):
+        if not files and _unfinished_create(state):
             return None  # not a key yet: every verb says NOT_FOUND, a CREATE replaces it
         return KeyRecord(key_id, files, state)
 

@@ -1044,16 +1044,3 @@ def test_a_create_whose_version_file_fails_is_no_key(
     finally:
         writes.store.close()
     assert problems(store_dir, kek) == []
-
-
-def test_verify_passes_over_a_create_that_failed(
-    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    writes = FailingWrites(store_dir, kek)
-    try:
-        assert writes.ask(b"CREATE f/v") == b"OK 1\n"
-        fail_once(monkeypatch, store_module, "write_new_file", after=False)
-        assert writes.ask(b"CREATE f/left").startswith(b"ERR INTERNAL")
-    finally:
-        writes.store.close()
-    assert [report.key_id for report in verify(store_dir, kek)] == ["f/v"]  # no key, no damage
