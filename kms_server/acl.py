@@ -210,7 +210,8 @@ class _Lines:
         quoted = rf"""(?:{re.escape(name)}|"{re.escape(name)}"|'{re.escape(name)}')"""
         pattern = re.compile(rf"(?:^\s*|[{{,]\s*)(?:{quoted}\s*=)|^\s*\[+\s*{quoted}\s*\]")
         for number in range(self.first, self.last + 1):
-            if pattern.search(self.lines[number - 1]):
+            line = self.lines[number - 1]
+            if not line.lstrip().startswith("#") and pattern.search(line):
                 return number
         return None
 

@@ -81,6 +81,8 @@ class Dispatcher:
     ) -> None:
         self.store = store
         self._rekeyer = rekeyer
+        #: Writes ("ROTATE k") whose last try failed on the disk: logged once until they work.
+        self._failing_writes: set[str] = set()
         #: "ok", or "degraded: <why>" while an upstream key service cannot unwrap the root.
         self._kek_status = kek_status
         self._hello = format_ok(PROTOCOL_NAME.encode(), server_version.encode("ascii"))
@@ -206,33 +208,42 @@ class Dispatcher:
 
         The caller serialises writes (one at a time), so version numbers cannot race.
         """
+        key_id: str | None = getattr(request, "key_id", None)
+        what = request.verb if key_id is None else f"{request.verb} {key_id}"
         try:
-            if isinstance(request, Create):
-                return await self._create(request, run_blocking)
-            if isinstance(request, Rotate):
-                return await self.rotate(request.key_id, run_blocking)
-            if isinstance(request, Retire | Restore | Destroy):
-                return await self._change_version_state(request, run_blocking)
-            if isinstance(request, Configure):
-                return await self._configure(request.key_id, request.rotate_period, run_blocking)
-            if isinstance(request, Rekey):
-                if self._rekeyer is None:
-                    raise InternalError("this daemon cannot rekey")
-                generation = await self._rekeyer(request.source, request.argument, run_blocking)
-                return format_ok(str(generation).encode()), None
-            raise InternalError("unknown write request")
+            reply = await self._write(request, run_blocking)
         except KmsError as error:
             return format_error(error), None
         except OSError as error:  # a full or failing disk: one line, no traceback
-            key_id = getattr(request, "key_id", None)
-            what = request.verb if key_id is None else f"{request.verb} {key_id}"
-            log.error("%s failed: %s", what, error)
+            if what not in self._failing_writes:  # once, until it works again
+                self._failing_writes.add(what)
+                log.error("%s failed: %s", what, error)
             self.store.resync(key_id)
             return format_error(InternalError()), None
         except Exception:
             log.exception("internal error while serving %s", request.verb)
-            self.store.resync(getattr(request, "key_id", None))
+            self.store.resync(key_id)
             return format_error(InternalError()), None
+        if what in self._failing_writes:
+            self._failing_writes.discard(what)
+            log.info("%s works again", what)
+        return reply
+
+    async def _write(self, request: Request[Any], run_blocking: ThreadRunner[Any]) -> Reply:
+        if isinstance(request, Create):
+            return await self._create(request, run_blocking)
+        if isinstance(request, Rotate):
+            return await self.rotate(request.key_id, run_blocking)
+        if isinstance(request, Retire | Restore | Destroy):
+            return await self._change_version_state(request, run_blocking)
+        if isinstance(request, Configure):
+            return await self._configure(request.key_id, request.rotate_period, run_blocking)
+        if isinstance(request, Rekey):
+            if self._rekeyer is None:
+                raise InternalError("this daemon cannot rekey")
+            generation = await self._rekeyer(request.source, request.argument, run_blocking)
+            return format_ok(str(generation).encode()), None
+        raise InternalError("unknown write request")
 
     async def _create(self, request: Create, run_blocking: ThreadRunner[Any]) -> Reply:
         store = self.store
@@ -265,6 +276,8 @@ class Dispatcher:
         """Write the next version (also used by automatic rotation)."""
         store = self.store
         record = store.record(key_id)
+        if not record.files:  # a state without versions: damage, or a CREATE cut short
+            store.version(key_id)  # says which, and refuses
         latest = store.version(key_id) if record.latest in record.files else None
         exportable = latest.exportable if latest else self._exportable(key_id)
         number = record.latest + 1

@@ -388,7 +388,7 @@ def online_rekeyer(store: KeyStore, passphrase_timeout: float) -> Rekeyer:
         )
         try:
             await run_blocking(lambda: remove_other_generations(store.directory))
-        except OSError as error:  # the rekey is done: the next start removes what is left
+        except (OSError, StoreError) as error:  # the rekey is done: the next start removes it
             log.error("REKEY: cannot remove the old generation: %s", error)
         return metadata.generation
 

@@ -320,6 +320,7 @@ class Server:
         failing: set[str] = set()  # keys whose check failed: said once, until it works again
         while True:
             await trio.sleep(self._limits.rotation_check_interval)
+            failing &= self._dispatcher.store.rotation.keys()  # forget keys no longer rotating
             for key_id in list(self._dispatcher.store.rotation):
                 await trio.lowlevel.checkpoint()
                 try:

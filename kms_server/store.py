@@ -586,15 +586,25 @@ class KeyStore:
                 log.info("key %s: erased version %d, destroyed before a crash", key_id, number)
             fsync_directory(directory)
             files = [number for number in files if number not in leftovers]
-        if not files and _unfinished_create(state):
-            return None  # not a key yet: every verb says NOT_FOUND, a CREATE replaces it
         return KeyRecord(key_id, files, state)
 
     def ready_for_create(self, key_id: str) -> bool:
         """Whether a CREATE of ``key_id`` may write it: no such key, or only the state
-        file of a CREATE that failed or was cut short (which :meth:`_scan` ignores).
+        file of a CREATE that a crash cut short.
+
+        CREATE writes the state (version 1, never used) before the version file, and
+        removes it again when the version file fails. A key whose files were deleted
+        looks the same once its state names nothing else: a CREATE may replace
+        either, which loses nothing. The stale record is dropped from the cache, so
+        the CREATE publishes a fresh one.
         """
-        return not self.exists(key_id)
+        record = self._cache.get(key_id) or self._scan(key_id)
+        if record is None:
+            return True
+        if record.files or not _unfinished_create(record.state):
+            return False
+        self._cache.pop(key_id, None)
+        return True
 
     def resync(self, key_id: str | None) -> None:
         """After a write that failed part-way: forget what memory holds about ``key_id``
@@ -602,18 +612,39 @@ class KeyStore:
 
         A failed ROTATE may have left its version file, a failed DESTROY its state:
         serving from memory would hide one and, at the next counter flush, write the
-        old state back over the other. Counters not yet flushed for the key are lost.
+        old state back over the other. Usage counters not yet flushed are carried
+        over to the versions the disk still has (counts only grow, so memory's are
+        the larger); when the key cannot be read again, they are lost.
         """
         if key_id is not None:
-            record = self._cache.pop(key_id, None)
-            if record is not None:
-                record.wipe()
-            self.dirty.discard(key_id)
             self._latest_created.pop(key_id, None)
+            stale = self._cache.pop(key_id, None)
+            if stale is not None:
+                if key_id in self.dirty:
+                    self.dirty.discard(key_id)
+                    self._carry_counters(stale)
+                stale.wipe()
         try:
             self.rotation = self._read_rotation()
         except (OSError, KmsError) as error:  # keep the index in memory; CONFIG rewrites it
             log.error("cannot read the rotation index again: %s", error)
+
+    def _carry_counters(self, stale: KeyRecord) -> None:
+        """Read ``stale``'s key again and give it the counters ``stale`` has not flushed."""
+        try:
+            fresh = self._scan(stale.key_id)
+        except (OSError, KmsError):
+            return
+        if fresh is None:
+            return
+        for number, counted in stale.state.usage.items():
+            usage = fresh.state.usage.get(number)
+            if usage is not None:
+                usage.encryptions = max(usage.encryptions, counted.encryptions)
+                usage.decryptions = max(usage.decryptions, counted.decryptions)
+                usage.bytes = max(usage.bytes, counted.bytes)
+        self._remember(fresh)
+        self.dirty.add(stale.key_id)
 
     def record(self, key_id: str) -> KeyRecord:
         """The cached record of ``key_id``, listing its directory on a miss."""
@@ -730,15 +761,23 @@ class KeyStore:
         material = bytearray(random_bytes(KEY_SIZE))
         opened = KeyVersion(key_id, version, self._clock(), exportable, material)
         opened.usage.created = opened.created  # the caller puts this usage in the state file
-        if new_key:
-            state = KeyState() if state is None else state
-            state.usage[version] = opened.usage
-            self.write_state(key_id, state)
         try:
-            write_new_file(path, self.sealer.seal_key_file(opened))
-        except FileExistsError:
-            opened.wipe()
-            raise KeyExists() from None
+            if new_key:
+                state = KeyState() if state is None else state
+                state.usage[version] = opened.usage
+                self.write_state(key_id, state)
+            try:
+                write_new_file(path, self.sealer.seal_key_file(opened))
+            except FileExistsError:
+                raise KeyExists() from None
+            except BaseException:
+                if new_key:  # no state without its first version: nothing half-made stays
+                    with contextlib.suppress(OSError):
+                        (self.key_directory(key_id) / STATE_NAME).unlink()
+                raise
+        except BaseException:
+            opened.wipe()  # fresh material that never made it to disk
+            raise
         return opened
 
     def write_state(self, key_id: str, state: KeyState) -> None:

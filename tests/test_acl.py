@@ -356,6 +356,17 @@ def test_unknown_user_in_a_multi_line_array_names_the_line_of_the_name() -> None
     assert error_line(text) == 4
 
 
+def test_a_comment_that_looks_like_a_field_is_not_its_line() -> None:
+    text = toml(
+        "[[allow]]",
+        "users = [0]",
+        "# groups, keys = see below",
+        "keys = []",
+        'operations = ["get"]',
+    )
+    assert error_line(text) == 4
+
+
 def test_errors_in_rules_under_quoted_headers_name_their_line() -> None:
     # [["allow"]] and [['allow']] are the same table array as [[allow]].
     text = toml(*GOOD_RULE, "[['allow']]", "users = [0]", 'keys = ["*"]', 'operations = ["all"]')

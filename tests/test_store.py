@@ -993,15 +993,22 @@ def test_a_rotate_whose_state_write_fails_does_not_block_the_next(
 ) -> None:
     """The version file is written, the state is not: the next ROTATE answered EXISTS
     for good. Now the daemon reads the key again and goes on past that version."""
+    caplog.set_level("INFO")
     writes = FailingWrites(store_dir, kek)
     try:
         assert writes.ask(b"CREATE f/r") == b"OK 1\n"
-        fail_once(monkeypatch, KeyStore, "write_state", after=False)
-        assert writes.ask(b"ROTATE f/r").startswith(b"ERR INTERNAL")
+        for _ in range(3):
+            assert writes.ask(b"ENC f/r aGk=").startswith(b"OK ")  # counted, not yet flushed
+        for _ in range(2):
+            fail_once(monkeypatch, KeyStore, "write_state", after=False)
+            assert writes.ask(b"ROTATE f/r").startswith(b"ERR INTERNAL")
         failed = [r for r in caplog.records if "ROTATE f/r failed" in r.getMessage()]
-        assert [r.exc_info for r in failed] == [None]  # one line with the cause, no traceback
+        assert [r.exc_info for r in failed] == [None]  # one line, once, with the cause
         assert "No space left on device" in failed[0].getMessage()
-        assert writes.ask(b"ROTATE f/r") == b"OK 3\n"  # 2 was written, never acknowledged
+        info = json.loads(writes.dispatcher.respond(parse_request(b"INFO f/r"))[0][3:])
+        assert info["versions"][0]["encryptions"] == 3  # carried over the re-read
+        assert writes.ask(b"ROTATE f/r") == b"OK 4\n"  # 2 and 3 were written, never acknowledged
+        assert any("ROTATE f/r works again" in r.getMessage() for r in caplog.records)
     finally:
         writes.store.close()
     assert problems(store_dir, kek) == []
@@ -1041,6 +1048,33 @@ def test_a_create_whose_version_file_fails_is_no_key(
         assert not writes.dispatcher.rotation_due("f/c", time.time() + 3600)
         assert writes.ask(b"CREATE f/c exportable") == b"OK 1\n"
         assert writes.ask(b"GET f/c").startswith(b"OK 1 ")
+    finally:
+        writes.store.close()
+    assert problems(store_dir, kek) == []
+
+
+def test_a_state_without_its_first_version_is_reported_not_rotated(
+    store_dir: Path, kek: bytes
+) -> None:
+    """What a crash between CREATE's two writes leaves, or a key whose only version file
+    was lost: a key used only through GET counts no use, so the two look alike. Neither
+    is hidden (GET and ROTATE refuse it, verify reports it); a new CREATE replaces it."""
+    writes = FailingWrites(store_dir, kek)
+    try:
+        assert writes.ask(b"CREATE f/lost exportable") == b"OK 1\n"
+        assert writes.ask(b"GET f/lost").startswith(b"OK 1 ")
+        writes.store.resync("f/lost")
+        (store_dir / LIVE_LINK / KEYS_DIR / "f" / "lost" / "_v1.key").unlink()
+        assert writes.ask(b"GET f/lost").startswith(b"ERR INTERNAL")
+        assert writes.ask(b"ROTATE f/lost").startswith(b"ERR INTERNAL")
+    finally:
+        writes.store.close()
+    assert problems(store_dir, kek) == [
+        "version 1: file missing (or a CREATE cut short: a new CREATE replaces it)"
+    ]
+    writes = FailingWrites(store_dir, kek)
+    try:
+        assert writes.ask(b"CREATE f/lost exportable") == b"OK 1\n"
     finally:
         writes.store.close()
     assert problems(store_dir, kek) == []
