@@ -50,6 +50,8 @@ OPERATIONS = frozenset(verb.lower() for verb in VERBS if verb not in ALWAYS_ALLO
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 _MAX_GROUPS = 256
 _RULE_HEADER = re.compile(r"""^\s*\[\[\s*(?:allow|"allow"|'allow')\s*\]\]""")
+#: A line that opens an inline-table rule: ``{ ...`` or ``allow = [{ ...``.
+_INLINE_RULE = re.compile(r"""^\s*(?:(?:allow|"allow"|'allow')\s*=\s*\[\s*)?\{""")
 _RULE_KEYS = frozenset({"users", "groups", "keys", "operations"})
 
 
@@ -183,6 +185,10 @@ class Acl:
         if not isinstance(raw_rules, list):
             raise whole.error("allow", None, "'allow' must be an array of tables ([[allow]])")
         headers = [n for n, line in enumerate(text_lines, 1) if _RULE_HEADER.match(line)]
+        if not headers:  # inline tables, one a line: each rule's line is its span
+            headers = [n for n, line in enumerate(text_lines, 1) if _INLINE_RULE.match(line)]
+            if len(headers) != len(raw_rules):
+                headers = []
         rules = []
         for index, raw in enumerate(raw_rules):
             first = headers[index] if index < len(headers) else 1

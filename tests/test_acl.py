@@ -379,8 +379,10 @@ def test_errors_in_rules_under_quoted_headers_name_their_line() -> None:
         ('{ users = [0], keys = ["a/*"], operations = ["enc", "all"] },', 3),
         ('{ users = [0], keyz = ["a/*"], operations = ["enc"] },', 3),
         (f'{{ users = ["{NO_USER}"], keys = ["a/*"], operations = ["enc"] }},', 3),
+        ('{ users = [0], keys = [], operations = ["enc"] },', 3),
+        ('{ keys = ["a/*"], operations = ["enc"] },', 3),
     ],
-    ids=["unknown-operation", "unknown-field", "unknown-user"],
+    ids=["unknown-operation", "unknown-field", "unknown-user", "empty-keys", "nobody"],
 )
 def test_errors_in_inline_table_rules_name_their_line(second_rule: str, line: int) -> None:
     text = toml(
