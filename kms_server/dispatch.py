@@ -276,10 +276,9 @@ class Dispatcher:
         """Write the next version (also used by automatic rotation)."""
         store = self.store
         record = store.record(key_id)
-        if not record.files:  # a state without versions: damage, or a CREATE cut short
-            store.version(key_id)  # says which, and refuses
-        latest = store.version(key_id) if record.latest in record.files else None
-        exportable = latest.exportable if latest else self._exportable(key_id)
+        # The new version copies the latest's exportable flag; a latest version whose
+        # file is missing (damage, or a CREATE a crash cut short) refuses the ROTATE.
+        exportable = store.version(key_id).exportable
         number = record.latest + 1
         state = KeyState(record.state.rotate_period, dict(record.state.usage))
 

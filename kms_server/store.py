@@ -766,17 +766,14 @@ class KeyStore:
                 state = KeyState() if state is None else state
                 state.usage[version] = opened.usage
                 self.write_state(key_id, state)
-            try:
-                write_new_file(path, self.sealer.seal_key_file(opened))
-            except FileExistsError:
-                raise KeyExists() from None
-            except BaseException:
-                if new_key:  # no state without its first version: nothing half-made stays
-                    with contextlib.suppress(OSError):
-                        (self.key_directory(key_id) / STATE_NAME).unlink()
-                raise
-        except BaseException:
+            write_new_file(path, self.sealer.seal_key_file(opened))
+        except BaseException as error:
             opened.wipe()  # fresh material that never made it to disk
+            if isinstance(error, FileExistsError):
+                raise KeyExists() from None
+            if new_key:  # no state without its first version: nothing half-made stays
+                with contextlib.suppress(OSError):
+                    (directory / STATE_NAME).unlink()
             raise
         return opened
 

@@ -955,6 +955,12 @@ class FailingWrites:
         self.store = KeyStore(store_dir, kek, clock=clock)
         self.dispatcher = Dispatcher(self.store, "test")
 
+    def __enter__(self) -> FailingWrites:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.close()
+
     def ask(self, line: bytes) -> bytes:
         request = parse_request(line)
         if type(request) in (Encrypt, Decrypt, Get):
@@ -994,8 +1000,7 @@ def test_a_rotate_whose_state_write_fails_does_not_block_the_next(
     """The version file is written, the state is not: the next ROTATE answered EXISTS
     for good. Now the daemon reads the key again and goes on past that version."""
     caplog.set_level("INFO")
-    writes = FailingWrites(store_dir, kek)
-    try:
+    with FailingWrites(store_dir, kek) as writes:
         assert writes.ask(b"CREATE f/r") == b"OK 1\n"
         for _ in range(3):
             assert writes.ask(b"ENC f/r aGk=").startswith(b"OK ")  # counted, not yet flushed
@@ -1009,8 +1014,6 @@ def test_a_rotate_whose_state_write_fails_does_not_block_the_next(
         assert info["versions"][0]["encryptions"] == 3  # carried over the re-read
         assert writes.ask(b"ROTATE f/r") == b"OK 4\n"  # 2 and 3 were written, never acknowledged
         assert any("ROTATE f/r works again" in r.getMessage() for r in caplog.records)
-    finally:
-        writes.store.close()
     assert problems(store_dir, kek) == []
 
 
@@ -1019,8 +1022,7 @@ def test_a_destroy_cut_short_by_a_failing_disk_stays_destroyed(
 ) -> None:
     """The state says destroyed and the file is unlinked, then the directory fsync fails:
     memory must not keep serving version 1, nor flush its old state over the new one."""
-    writes = FailingWrites(store_dir, kek)
-    try:
+    with FailingWrites(store_dir, kek) as writes:
         assert writes.ask(b"CREATE f/d") == b"OK 1\n"
         ciphertext = writes.ask(b"ENC f/d aGk=").split()[1]
         assert writes.ask(b"ROTATE f/d") == b"OK 2\n"
@@ -1029,27 +1031,23 @@ def test_a_destroy_cut_short_by_a_failing_disk_stays_destroyed(
         assert writes.ask(b"DEC f/d " + ciphertext).startswith(b"ERR RETIRED")
         assert writes.ask(b"ENC f/d aGk=").startswith(b"OK ")  # version 2 serves on
         writes.flush_counters()
-    finally:
-        writes.store.close()
     assert problems(store_dir, kek) == []
 
 
 def test_a_create_whose_version_file_fails_is_no_key(
     store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """CREATE wrote the state, then not the version file: not a key, for every verb,
-    the rotation check included, until a new CREATE makes it one."""
-    writes = FailingWrites(store_dir, kek)
-    try:
+    """CREATE wrote the state, then failed on the version file: it removes the state, so
+    nothing is a key, for any verb or the rotation check, until a new CREATE makes it."""
+    with FailingWrites(store_dir, kek) as writes:
         fail_once(monkeypatch, store_module, "write_new_file", after=False)
         assert writes.ask(b"CREATE f/c exportable rotate=1s").startswith(b"ERR INTERNAL")
+        assert not (store_dir / LIVE_LINK / KEYS_DIR / "f" / "c" / STATE_NAME).exists()
         assert writes.ask(b"GET f/c").startswith(b"ERR NOT_FOUND")
         assert writes.ask(b"ROTATE f/c").startswith(b"ERR NOT_FOUND")
         assert not writes.dispatcher.rotation_due("f/c", time.time() + 3600)
         assert writes.ask(b"CREATE f/c exportable") == b"OK 1\n"
         assert writes.ask(b"GET f/c").startswith(b"OK 1 ")
-    finally:
-        writes.store.close()
     assert problems(store_dir, kek) == []
 
 
@@ -1059,22 +1057,16 @@ def test_a_state_without_its_first_version_is_reported_not_rotated(
     """What a crash between CREATE's two writes leaves, or a key whose only version file
     was lost: a key used only through GET counts no use, so the two look alike. Neither
     is hidden (GET and ROTATE refuse it, verify reports it); a new CREATE replaces it."""
-    writes = FailingWrites(store_dir, kek)
-    try:
+    with FailingWrites(store_dir, kek) as writes:
         assert writes.ask(b"CREATE f/lost exportable") == b"OK 1\n"
         assert writes.ask(b"GET f/lost").startswith(b"OK 1 ")
-        writes.store.resync("f/lost")
-        (store_dir / LIVE_LINK / KEYS_DIR / "f" / "lost" / "_v1.key").unlink()
+    (store_dir / LIVE_LINK / KEYS_DIR / "f" / "lost" / "_v1.key").unlink()
+    with FailingWrites(store_dir, kek) as writes:  # a restart finds the state alone
         assert writes.ask(b"GET f/lost").startswith(b"ERR INTERNAL")
         assert writes.ask(b"ROTATE f/lost").startswith(b"ERR INTERNAL")
-    finally:
-        writes.store.close()
     assert problems(store_dir, kek) == [
         "version 1: file missing (or a CREATE cut short: a new CREATE replaces it)"
     ]
-    writes = FailingWrites(store_dir, kek)
-    try:
+    with FailingWrites(store_dir, kek) as writes:
         assert writes.ask(b"CREATE f/lost exportable") == b"OK 1\n"
-    finally:
-        writes.store.close()
     assert problems(store_dir, kek) == []
