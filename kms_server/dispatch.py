@@ -56,6 +56,7 @@ from kms_client.protocol import (
     format_ok,
 )
 from kms_server.crypto import random_bytes
+from kms_server.failures import LastingFailures
 from kms_server.keys import ACTIVE, DESTROYED, RETIRED, KeyVersion, ciphertext_version
 from kms_server.store import KeyState, KeyStore
 
@@ -82,7 +83,7 @@ class Dispatcher:
         self.store = store
         self._rekeyer = rekeyer
         #: Writes ("ROTATE k") whose last try failed on the disk: logged once until they work.
-        self._failing_writes: set[str] = set()
+        self._failing_writes = LastingFailures(log)
         #: "ok", or "degraded: <why>" while an upstream key service cannot unwrap the root.
         self._kek_status = kek_status
         self._hello = format_ok(PROTOCOL_NAME.encode(), server_version.encode("ascii"))
@@ -209,25 +210,25 @@ class Dispatcher:
         The caller serialises writes (one at a time), so version numbers cannot race.
         """
         key_id: str | None = getattr(request, "key_id", None)
-        what = request.verb if key_id is None else f"{request.verb} {key_id}"
+        what = _write_name(request)
         try:
             reply = await self._write(request, run_blocking)
         except KmsError as error:
             return format_error(error), None
         except OSError as error:  # a full or failing disk: one line, no traceback
-            if what not in self._failing_writes:  # once, until it works again
-                self._failing_writes.add(what)
-                log.error("%s failed: %s", what, error)
+            self._failing_writes.failed(what, f"{what} failed: {error}")
             self.store.resync(key_id)
             return format_error(InternalError()), None
         except Exception:
             log.exception("internal error while serving %s", request.verb)
             self.store.resync(key_id)
             return format_error(InternalError()), None
-        if what in self._failing_writes:
-            self._failing_writes.discard(what)
-            log.info("%s works again", what)
+        self._failing_writes.worked(what, f"{what} works again")
         return reply
+
+    def write_is_failing(self, request: Request[Any]) -> bool:
+        """True while this write's last try failed on the disk (and was logged)."""
+        return self._failing_writes.is_failing(_write_name(request))
 
     async def _write(self, request: Request[Any], run_blocking: ThreadRunner[Any]) -> Reply:
         if isinstance(request, Create):
@@ -391,3 +392,9 @@ class Dispatcher:
         store.rotation = rotation
         log.info("CONFIG %s: rotation period %s", key_id, period)
         return format_ok(), None
+
+
+def _write_name(request: Request[Any]) -> str:
+    """How the log names a write: ``ROTATE pg/wal``, ``REKEY``."""
+    key_id: str | None = getattr(request, "key_id", None)
+    return request.verb if key_id is None else f"{request.verb} {key_id}"

@@ -49,6 +49,7 @@ from kms_client.protocol import (
     Ping,
     Quit,
     Request,
+    Rotate,
     format_error,
     parse_request,
 )
@@ -56,6 +57,7 @@ from kms_server import systemd
 from kms_server.acl import Acl, AclError, Grants, Peer
 from kms_server.audit import AuditError, AuditLog
 from kms_server.dispatch import WRITE_REQUESTS, Dispatcher
+from kms_server.failures import LastingFailures
 
 log = logging.getLogger("kmsd.server")
 
@@ -80,6 +82,9 @@ _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, e
 _ACCEPT_ABORTED_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 #: How long to wait before accepting again when the system is short of resources.
 ACCEPT_RETRY_DELAY = 0.1
+#: Names of the retried operations whose failures are said once (:class:`LastingFailures`).
+_ACCEPT = "accept"
+_COUNTERS = "usage counters"
 #: Reply bytes a batch may hold before they are sent: without a bound, 216 KB of
 #: pipelined ``INFO`` on a key of 100 versions (a 10 KB reply each) made the daemon
 #: hold 250 MB of replies for a client that never reads them.
@@ -201,7 +206,7 @@ class Server:
         self._access = access
         self._audit = audit
         self._write_lock = trio.Lock()
-        self._counters_failing = False  # the last counter flush failed (and said so)
+        self._counter_failures = LastingFailures(log)  # said once, until a flush works
         self._connections = 0
         self._connection_ids = itertools.count(1)
         self._stopping = False
@@ -236,9 +241,9 @@ class Server:
             for scope in self._waiting_for_input:
                 scope.deadline = min(scope.deadline, last_call)
             connections.cancel_scope.deadline = trio.current_time() + self._limits.grace_period
-        self._counters_failing = False  # a failure now is said again, and is final
+        self._counter_failures.forget(_COUNTERS)  # a failure now is said again, and is final
         await self.flush_counters()
-        if self._counters_failing:
+        if self._counter_failures.is_failing(_COUNTERS):
             log.error("usage counters since the last good flush are lost")
 
     async def _accept(self, connections: trio.Nursery) -> None:
@@ -250,25 +255,25 @@ class Server:
         while the kernel queues the clients, and logs again once none is left waiting.
         """
         listener = self._listener
-        short_of_resources = False
+        short_of_resources = LastingFailures(log)
         while True:
             await trio.lowlevel.wait_readable(listener)
             for _ in range(ACCEPT_BATCH):
                 try:
                     accepted, _address = listener.accept()
                 except BlockingIOError:  # nobody left waiting
-                    if short_of_resources:
-                        log.info("accepting connections again: none is waiting any more")
-                        short_of_resources = False
+                    short_of_resources.worked(
+                        _ACCEPT, "accepting connections again: none is waiting any more"
+                    )
                     break
                 except OSError as exc:
                     if exc.errno in _ACCEPT_ABORTED_ERRNOS:
                         continue
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
-                    if not short_of_resources:
-                        log.error("cannot accept a connection: %s; retrying", exc.strerror)
-                        short_of_resources = True
+                    short_of_resources.failed(
+                        _ACCEPT, f"cannot accept a connection: {exc.strerror}; retrying"
+                    )
                     await trio.sleep(ACCEPT_RETRY_DELAY)
                     break
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
@@ -294,16 +299,13 @@ class Server:
                 await trio.to_thread.run_sync(write)
             except OSError as exc:
                 store.dirty |= dirty
-                if not self._counters_failing:  # once, not at every flush
-                    self._counters_failing = True
-                    log.error(
-                        "cannot write usage counters: %s (kept in memory, tried at each flush)",
-                        exc.strerror,
-                    )
+                self._counter_failures.failed(
+                    _COUNTERS,
+                    f"cannot write usage counters: {exc.strerror} "
+                    "(kept in memory, tried at each flush)",
+                )
                 return
-            if self._counters_failing:
-                self._counters_failing = False
-                log.info("usage counters written again")
+            self._counter_failures.worked(_COUNTERS, "usage counters written again")
 
     async def _flush_counters_periodically(self) -> None:
         while True:
@@ -317,10 +319,10 @@ class Server:
         lets the connections run between keys: a first check over many rotating keys
         opens each once, which must not hold up the requests being served.
         """
-        failing: set[str] = set()  # keys whose check failed: said once, until it works again
+        failures = LastingFailures(log)  # keys whose check failed: said once, until it works
         while True:
             await trio.sleep(self._limits.rotation_check_interval)
-            failing &= self._dispatcher.store.rotation.keys()  # forget keys no longer rotating
+            failures.keep_only(self._dispatcher.store.rotation.keys())  # (still rotating)
             for key_id in list(self._dispatcher.store.rotation):
                 await trio.lowlevel.checkpoint()
                 try:
@@ -328,15 +330,16 @@ class Server:
                 except OSError as error:  # out of descriptors, a failing disk: try again later
                     failure = f"cannot check its rotation: {error}"
                 if failure is None:
-                    if key_id in failing:
-                        failing.discard(key_id)
-                        log.info("%s: its rotation check works again", key_id)
-                elif key_id not in failing:
-                    failing.add(key_id)
-                    log.error("%s: %s; will retry at each check", key_id, failure)
+                    failures.worked(key_id, f"{key_id}: its rotation check works again")
+                elif failure:
+                    failures.failed(key_id, f"{key_id}: {failure}; will retry at each check")
 
     async def _rotate_if_due(self, key_id: str) -> str | None:
-        """Rotate ``key_id`` if it is due; what went wrong, or ``None``."""
+        """Rotate ``key_id`` if it is due; what went wrong, or ``None``.
+
+        A failed write the dispatcher has already logged (a disk error, said once
+        until ``ROTATE`` works again) is the empty string: not said twice.
+        """
         dispatcher = self._dispatcher
         if not dispatcher.rotation_due(key_id, time.time()):
             return None
@@ -346,6 +349,8 @@ class Server:
             return None  # no longer due: CONFIG rotate=off or a ROTATE came first
         reply, version = outcome
         if version is None:
+            if dispatcher.write_is_failing(Rotate(key_id)):
+                return ""
             return f"automatic rotation failed: {reply.decode().strip()}"
         log.info("%s: rotated automatically to version %d", key_id, version)
         return None

@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -23,6 +24,8 @@ import trio
 from kms_client.errors import KeyExists, KeyNotFound
 from kms_client.protocol import Decrypt, Encrypt, Get, parse_request
 from kms_server import store as store_module
+from kms_server.acl import Acl
+from kms_server.audit import AuditLog
 from kms_server.crypto import KEY_SIZE, random_bytes
 from kms_server.dispatch import Dispatcher
 from kms_server.files import replace_file, write_new_file
@@ -37,6 +40,7 @@ from kms_server.kek import (
 )
 from kms_server.keys import KeyVersion
 from kms_server.maintenance import verify
+from kms_server.server import AccessControl, Limits, Server
 from kms_server.store import (
     KEYS_DIR,
     LIVE_LINK,
@@ -1015,6 +1019,52 @@ def test_a_rotate_whose_state_write_fails_does_not_block_the_next(
         assert writes.ask(b"ROTATE f/r") == b"OK 4\n"  # 2 and 3 were written, never acknowledged
         assert any("ROTATE f/r works again" in r.getMessage() for r in caplog.records)
     assert problems(store_dir, kek) == []
+
+
+def test_an_automatic_rotation_that_keeps_failing_is_logged_once(
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rotation check retries a ROTATE that fails on the disk at every check: the
+    dispatcher says why once, the check does not say it a second time, and the first
+    rotation that works is said once."""
+    caplog.set_level("INFO")
+    tries = []
+
+    def full_disk(*args: object, **kwargs: object) -> KeyVersion:
+        tries.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with (
+        FailingWrites(store_dir, kek) as writes,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unused_listener,
+    ):
+        assert writes.ask(b"CREATE f/auto rotate=1s") == b"OK 1\n"  # due: its clock is in 2026-01
+        server = Server(
+            writes.dispatcher,
+            unused_listener,
+            Limits(rotation_check_interval=0.01),
+            AccessControl(Acl.owner_only(os.getuid()), None),
+            AuditLog(None),
+        )
+
+        async def rotate_until_it_works() -> None:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(server._rotate_periodically)
+                    while len(tries) < 3:
+                        await trio.sleep(0.01)
+                    monkeypatch.undo()
+                    while writes.store.record("f/auto").latest < 2:
+                        await trio.sleep(0.01)
+                    nursery.cancel_scope.cancel()
+
+        monkeypatch.setattr(KeyStore, "write_version", full_disk)
+        trio.run(rotate_until_it_works)
+    said = [r.getMessage() for r in caplog.records if "f/auto" in r.getMessage()]
+    assert [m for m in said if "No space left" in m or "failed" in m] == [
+        "ROTATE f/auto failed: [Errno 28] No space left on device"
+    ]
+    assert said.count("ROTATE f/auto works again") == 1
 
 
 def test_a_destroy_cut_short_by_a_failing_disk_stays_destroyed(
