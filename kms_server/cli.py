@@ -37,7 +37,7 @@ from kms_server.config import ConfigError, Settings, load
 from kms_server.crypto import KEY_SIZE, random_bytes, wipe
 from kms_server.dispatch import Dispatcher
 from kms_server.files import replace_file, write_new_file
-from kms_server.hardening import harden_process
+from kms_server.hardening import forbid_core_dumps, harden_process
 from kms_server.kek import KekError, KekFile, KekSource, PassphraseCommand, obtain_for_store
 from kms_server.maintenance import online_rekeyer
 from kms_server.server import (
@@ -227,6 +227,8 @@ class KmsdGroup(OneLineUsageGroup):
 @click.version_option(__version__, prog_name="kmsd")
 def main() -> None:
     """kmsd: a key-management daemon; the KEK stays here, clients ask over a Unix socket."""
+    for warning in forbid_core_dumps():  # before any command reads a KEK
+        click.echo(f"kmsd: warning: {warning}", err=True)
 
 
 @main.command()

@@ -42,16 +42,29 @@ def _has_ipc_lock() -> bool:
     return False
 
 
-def harden_process() -> list[str]:
-    """Apply every protection the system allows; return a warning for each refused one."""
+def forbid_core_dumps() -> list[str]:
+    """No core file and no same-uid debugger; a warning for each protection refused.
+
+    Every ``kmsd`` command calls it before it reads a KEK: ``init``, ``rekey`` and
+    ``verify`` hold the KEK and key material too, if only for seconds.
+    """
     warnings: list[str] = []
-    libc = _libc()
-    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+    if _libc().prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         warnings.append(f"prctl(PR_SET_DUMPABLE, 0) failed: errno {ctypes.get_errno()}")
     try:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     except (ValueError, OSError) as exc:
         warnings.append(f"cannot set RLIMIT_CORE to 0: {exc}")
+    return warnings
+
+
+def harden_process() -> list[str]:
+    """Apply every protection the system allows; return a warning for each refused one.
+
+    The daemon's protections: those of :func:`forbid_core_dumps` and locked memory.
+    """
+    warnings = forbid_core_dumps()
+    libc = _libc()
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     unbounded = soft == resource.RLIM_INFINITY or _has_ipc_lock()
     flags = _MCL_CURRENT | (_MCL_FUTURE if unbounded else 0)

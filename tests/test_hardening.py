@@ -9,13 +9,14 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kms_client.errors import InternalError
-from kms_client.protocol import DataKey, Decrypt, Encrypt, KeyMaterial
+from kms_client.protocol import DataKey, Decrypt, Encrypt, KeyMaterial, Ok, Rewrap
 from kms_server.config import Settings
 from kms_server.crypto import XAES256GCM
 from kms_server.kek import KekFile
@@ -46,10 +47,43 @@ def kib(value: str) -> int:
 
 def test_core_dumps_are_off(daemon: Daemon) -> None:
     assert daemon.process is not None
-    limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    assert core_limit(daemon.process.pid) == ("0", "0")
+
+
+def core_limit(pid: int) -> tuple[str, ...]:
+    limits = Path(f"/proc/{pid}/limits").read_text()
     match = re.search(r"^Max core file size\s+(\S+)\s+(\S+)", limits, re.MULTILINE)
     assert match, limits
-    assert match.groups() == ("0", "0")
+    return match.groups()
+
+
+def test_an_offline_command_holding_the_kek_forbids_core_dumps(tmp_path: Path) -> None:
+    """`kmsd init` (and `rekey`, `verify`) hold the KEK too: no core file may catch it,
+    even when the shell that started them allowed core dumps."""
+    if resource.getrlimit(resource.RLIMIT_CORE)[1] == 0:
+        pytest.skip("the hard core-size limit is 0 here: nothing to forbid")
+    started, gate = tmp_path / "started", tmp_path / "go"
+    command = tmp_path / "passphrase"
+    command.write_text(
+        f"#!/bin/sh\ntouch {started}\n"
+        f"while [ ! -e {gate} ]; do sleep 0.05; done\necho correct horse battery\n"
+    )
+    command.chmod(0o700)
+    _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    allowed = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    init = ["init", "--store", str(tmp_path / "store"), "--passphrase-command", str(command)]
+    process = subprocess.Popen(
+        ["prlimit", f"--core={allowed}", sys.executable, "-m", "kms_server", *init],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        while not started.exists():  # the KEK is on its way: main() has run
+            assert process.poll() is None, "kmsd init stopped before it asked for the KEK"
+            time.sleep(0.05)
+        assert core_limit(process.pid) == ("0", "0")
+    finally:
+        gate.touch()
+        assert process.wait(timeout=60) == 0
 
 
 def may_lock_all_memory() -> bool:
@@ -173,6 +207,9 @@ def test_reprs_of_key_holding_objects_show_no_key_bytes(secret: bytes) -> None:
         DataKey(secret, b"wrapped"),
         Encrypt("pg/db1", secret, secret[::-1]),
         Decrypt("pg/db1", b"\x01" + bytes(45), secret),
+        Decrypt("pg/db1", secret),  # a ciphertext is request data too
+        Rewrap("pg/db1", secret),
+        Ok(("3", base64.b64encode(secret).decode())),  # a GET reply as the client parsed it
     ]
     for thing in objects:
         assert_hidden(repr(thing), secret, secret[::-1])
