@@ -65,6 +65,7 @@ from kms_client.sync import (
     Progress,
     check_request,
     check_rewrap_arguments,
+    checked_timeout,
     closed_in_flight,
     collect_replies,
     connection_broken,
@@ -115,7 +116,7 @@ class AsyncClient:
 
     def __init__(self, socket_path: str | os.PathLike[str], timeout: float | None = 10.0) -> None:
         self.socket_path = os.fspath(socket_path)
-        self.timeout = timeout
+        self.timeout = checked_timeout(timeout)
         self._lock = trio.Lock()
         self._stream: trio.SocketStream | None = None
         self._framer = LineFramer(RESPONSE_MAX_LINE)

@@ -68,6 +68,7 @@ import base64
 import contextlib
 import errno
 import json
+import math
 import os
 import secrets
 import stat
@@ -101,7 +102,7 @@ from kms_client.protocol import (
     parse_period,
     validate_key_id,
 )
-from kms_client.sync import Client
+from kms_client.sync import MAX_TIMEOUT, Client
 
 DEFAULT_SOCKET = "/run/kms/kms.sock"
 DEFAULT_TIMEOUT = 10.0
@@ -607,6 +608,12 @@ class KmsGroup(OneLineUsageGroup):
         return result
 
 
+def _not_nan(seconds: float) -> float:
+    if math.isnan(seconds):  # FloatRange's comparisons all let NaN through
+        raise click.BadParameter("nan is not a number of seconds.")
+    return seconds
+
+
 @click.group(
     cls=KmsGroup, epilog=_epilog(), context_settings={"help_option_names": ["-h", "--help"]}
 )
@@ -621,7 +628,8 @@ class KmsGroup(OneLineUsageGroup):
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(min=0, min_open=True, max=MAX_TIMEOUT),
+    callback=lambda _ctx, _param, value: _not_nan(value),
     default=DEFAULT_TIMEOUT,
     show_default=True,
     metavar="SECONDS",

@@ -98,6 +98,20 @@ REWRAP_WINDOW = 256
 Progress = Callable[[int, int | None], None]
 #: How long ``close()`` waits for another thread's call before cutting its connection.
 CLOSE_WAIT = 1.0
+#: The longest timeout a client takes (about 11.6 days): past any real call, and far
+#: within what the system's timers take (a socket or lock timeout overflows at ~292 years).
+MAX_TIMEOUT = 1_000_000.0
+
+
+def checked_timeout(timeout: float | None) -> float | None:
+    """``timeout`` if it is None (no limit) or seconds in (0, ``MAX_TIMEOUT``]; else ValueError."""
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:  # (NaN fails both)
+        raise ValueError(
+            f"timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} seconds, or None"
+        )
+    return timeout
+
+
 #: Pauses between connection attempts while the daemon's queue is full (seconds).
 CONNECT_RETRY_FIRST = 0.001
 CONNECT_RETRY_MAX = 0.05
@@ -276,7 +290,7 @@ class Client:
 
     def __init__(self, socket_path: str | os.PathLike[str], timeout: float | None = 10.0) -> None:
         self.socket_path = os.fspath(socket_path)
-        self.timeout = timeout
+        self.timeout = checked_timeout(timeout)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._pid = os.getpid()

@@ -2,6 +2,7 @@
 # plus what only trio has (concurrent tasks on one client, cancellation mid-exchange).
 from __future__ import annotations
 
+import math
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -48,6 +49,13 @@ from tests.scripted_server import (
 async def client(daemon: Daemon) -> AsyncIterator[AsyncClient]:
     async with AsyncClient(daemon.socket_path) as c:
         yield c
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, math.nan, math.inf, 1e10])
+def test_a_timeout_out_of_range_is_refused_at_once(timeout: float) -> None:
+    """As the blocking client: a ValueError when made, not an overflow inside a call."""
+    with pytest.raises(ValueError, match="timeout"):
+        AsyncClient("/nonexistent.sock", timeout)
 
 
 def test_async_client_is_exported_lazily() -> None:

@@ -2,6 +2,7 @@
 # and against scripted servers for failures kmsd won't make on cue. Tests assert codes, not text.
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -721,6 +722,14 @@ def test_an_argument_of_the_wrong_type_is_a_type_error(short_tmp: Path, call: An
         with pytest.raises(TypeError):
             call(c)
         assert server.connections == 0  # refused before anything was sent
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, math.nan, math.inf, 1e10])
+def test_a_timeout_out_of_range_is_refused_at_once(timeout: float) -> None:
+    """NaN, infinity or centuries would fail deep in a call (a lock or socket timeout
+    overflows): the client refuses them when made, with a ValueError."""
+    with pytest.raises(ValueError, match="timeout"):
+        Client("/nonexistent.sock", timeout)
 
 
 def test_pipeline_with_huge_replies_does_not_deadlock(short_tmp: Path) -> None:
