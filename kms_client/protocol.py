@@ -358,9 +358,15 @@ def _nonempty_b64(token: bytes, what: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Ok:
-    """``OK`` with its space-separated fields."""
+    """``OK`` with its space-separated fields.
+
+    ``repr`` shows how many, not what: a field may be an exported key or a plaintext.
+    """
 
     fields: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        return f"Ok(<{len(self.fields)} fields>)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,7 +613,7 @@ class _CiphertextCommand(Request[bytes]):
     """``<VERB> <key-id> <base64 ciphertext> [<base64 aad>]``, answered with one value."""
 
     key_id: str
-    ciphertext: bytes
+    ciphertext: bytes = field(repr=False)  # request data: never in a log line or a traceback
     aad: bytes = field(default=b"", repr=False)
 
     def arguments(self) -> list[bytes]:
