@@ -32,6 +32,7 @@ import os
 import pwd
 import re
 import socket
+import stat
 import struct
 import tomllib
 from collections.abc import Iterable
@@ -154,10 +155,18 @@ class Acl:
 
     @classmethod
     def load(cls, path: Path) -> Acl:
+        """Read and parse an ACL file; one that every user may write grants nothing."""
         try:
-            data = path.read_bytes()
+            with path.open("rb") as file:
+                mode = os.fstat(file.fileno()).st_mode
+                data = file.read()
         except OSError as exc:
             raise AclError(f"cannot read ACL {path}: {exc.strerror}") from None
+        if stat.S_ISREG(mode) and mode & stat.S_IWOTH:
+            raise AclError(
+                f"ACL {path} is writable by every user (mode {stat.S_IMODE(mode):04o}), "
+                f"so anyone could grant themselves every key: chmod o-w {path}"
+            )
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:

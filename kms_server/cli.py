@@ -38,7 +38,14 @@ from kms_server.crypto import KEY_SIZE, random_bytes, wipe
 from kms_server.dispatch import Dispatcher
 from kms_server.files import replace_file, write_new_file
 from kms_server.hardening import forbid_core_dumps, harden_process
-from kms_server.kek import KekError, KekFile, KekSource, PassphraseCommand, obtain_for_store
+from kms_server.kek import (
+    KekError,
+    KekFile,
+    KekSource,
+    PassphraseCommand,
+    exposure_of,
+    obtain_for_store,
+)
 from kms_server.maintenance import online_rekeyer
 from kms_server.server import (
     AccessControl,
@@ -255,6 +262,17 @@ def init(store: Path | None, config_file: Path | None, **kek_settings: Any) -> N
         finally:
             wipe(kek)
         click.echo(f"initialised store {store} (id {metadata.store_id}, KEK source: {source.kind})")
+        warn_if_exposed(source, say_warning)
+
+
+def say_warning(message: str) -> None:
+    click.echo(f"kmsd: warning: {message}", err=True)
+
+
+def warn_if_exposed(source: KekSource, say: Callable[[str], None]) -> None:
+    """Say that a KEK file every user may read should be 0600 (once its KEK was right)."""
+    if isinstance(source, KekFile) and (exposure := exposure_of(source.path)) is not None:
+        say(exposure)
 
 
 def create_dev_store() -> Settings:
@@ -396,6 +414,7 @@ def serve(config_file: Path | None, dev: bool, verbose: bool, **options: Any) ->
             log.warning("%s", warning)
         source = settings.kek_source()
         store_handle = open_store(settings, source)
+        warn_if_exposed(source, log.warning)
         try:
             if dev:
                 ensure_demo_key(store_handle)
@@ -640,6 +659,7 @@ def rekey(
                 wipe(old_kek)
             generation = rekey_through_daemon(Path(serving), new_source)
             click.echo(f"rekeyed {store} through the running daemon: generation {generation}")
+            warn_if_exposed(new_source, say_warning)
             return
         if old_kek is None:
             raise ConfigError(
@@ -654,6 +674,7 @@ def rekey(
             wipe(old_kek)
             wipe(new_kek)
         click.echo(f"rekeyed {store}: generation {generation}, KEK source {new_source.kind}")
+        warn_if_exposed(new_source, say_warning)
 
 
 def rewrap_stored_root(store_dir: Path, source: TransitSource) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import os
 import select
 import shlex
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ def read_small_file(path: Path, limit: int, timeout: float) -> bytearray:
     buffer = bytearray(limit + 1)
     size = 0
     try:
+        refuse_if_writable_by_all(fd, path)
         deadline = time.monotonic() + timeout
         poller = select.poll()
         poller.register(fd, select.POLLIN)
@@ -129,6 +131,38 @@ def read_small_file(path: Path, limit: int, timeout: float) -> bytearray:
     content = buffer[:size]  # a copy, then the read buffer is wiped: shrinking it in
     wipe(buffer)  # place could leave the KEK behind in memory freed by a realloc
     return content
+
+
+def refuse_if_writable_by_all(fd: int, path: Path) -> None:
+    """A KEK file any user could have written is refused: its KEK may be theirs.
+
+    Checked on the open descriptor, so it is the file that is read.
+    """
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode) and mode & stat.S_IWOTH:
+        raise KekError(
+            f"KEK file {path} is writable by every user (mode {stat.S_IMODE(mode):04o}), "
+            "so anyone could have put their own KEK there: make a new one under umask 077"
+        )
+
+
+def exposure_of(path: Path) -> str | None:
+    """Why a KEK file is open to every user, or None: said as a warning, not refused.
+
+    A KEK file should be 0600 (made under ``umask 077``). One every user may read is
+    accepted, so a service does not stop at its next restart over a mode, but the
+    daemon says it each time it reads the file (once the KEK is found right).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) and mode & stat.S_IROTH:
+        return (
+            f"KEK file {path} is readable by every user (mode {stat.S_IMODE(mode):04o}): "
+            f"chmod 600 {path}"
+        )
+    return None
 
 
 def end_session(child: subprocess.Popen[bytes]) -> None:

@@ -29,7 +29,7 @@ from kms_client.protocol import format_period
 from kms_server.crypto import constant_time_equal, wipe
 from kms_server.dispatch import Rekeyer, ThreadRunner
 from kms_server.files import fsync_directory, make_private_dirs, temporary_path, write_fsynced
-from kms_server.kek import KekError, KekFile, KekSource, PassphraseCommand
+from kms_server.kek import KekError, KekFile, KekSource, PassphraseCommand, exposure_of
 from kms_server.keys import DESTROYED
 from kms_server.store import (
     KEYS_DIR,
@@ -386,6 +386,8 @@ def online_rekeyer(store: KeyStore, passphrase_timeout: float) -> Rekeyer:
         log.info(
             "REKEY: store re-sealed under a new %s KEK, generation %d", kind, metadata.generation
         )
+        if kind == "file" and (exposure := exposure_of(Path(argument))) is not None:
+            log.warning("REKEY: %s", exposure)
         try:
             await run_blocking(lambda: remove_other_generations(store.directory))
         except (OSError, StoreError) as error:  # the rekey is done: the next start removes it

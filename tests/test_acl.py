@@ -694,6 +694,16 @@ def test_check_config_validates_without_starting(short_tmp: Path) -> None:
     assert kmsd("check-config").returncode == 2  # nothing to check
 
 
+def test_an_acl_every_user_may_write_is_refused(short_tmp: Path) -> None:
+    """Anyone could grant themselves every key: the ACL is refused, however well formed."""
+    acl = short_tmp / "acl.toml"
+    acl.write_text(GET_A_CREATE_ALL)
+    acl.chmod(0o666)
+    assert_one_line_naming(kmsd("check-config", "--acl", acl), str(acl))
+    acl.chmod(0o664)  # a group of editors may write it
+    assert kmsd("check-config", "--acl", acl).returncode == 0
+
+
 def test_check_config_succeeds_while_a_daemon_holds_the_store(acl_daemon: Daemon) -> None:
     # It neither takes the store lock nor binds the socket, so it works beside a live daemon.
     result = kmsd(

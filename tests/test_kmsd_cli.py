@@ -316,6 +316,47 @@ def test_a_kek_file_kmsd_may_not_read_is_a_kek_error(short_tmp: Path) -> None:
     assert not store.exists()
 
 
+def test_a_kek_file_every_user_may_write_is_refused(short_tmp: Path) -> None:
+    """Anyone could have put their own KEK there: init, serve and verify refuse it."""
+    kek = short_tmp / "kek"
+    daemon = make_store(short_tmp / "d")
+    shutil.copy(daemon.kek_file, kek)  # the store's own KEK: refused for its mode alone
+    kek.chmod(0o666)
+    store = short_tmp / "store"
+    results = kmsd_all(
+        ["init", "--store", store, "--kek-file", kek],
+        ["serve", "--store", daemon.store, "--socket", daemon.socket_path, "--kek-file", kek],
+        ["verify", "--store", daemon.store, "--kek-file", kek],
+    )
+    for result in results:
+        assert_fails(result, EXIT_KEK)
+    assert not store.exists()
+    assert not os.path.lexists(daemon.socket_path)
+
+
+def test_a_kek_file_every_user_may_read_is_used_with_a_warning(short_tmp: Path) -> None:
+    """Accepted, so a service does not stop at a restart over a mode, but said each time."""
+    kek = short_tmp / "kek"
+    write_kek(kek)
+    kek.chmod(0o644)
+    result = kmsd("init", "--store", short_tmp / "store", "--kek-file", kek)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.decode().count("\n") == 1  # one warning line, and it names the file
+    assert result.stderr.startswith(b"kmsd: warning: ")
+    assert str(kek).encode() in result.stderr
+    daemon = Daemon(short_tmp)
+    daemon.start()
+    try:
+        assert ask(Path(daemon.socket_path), b"PING") == b"OK PONG\n"
+    finally:
+        assert daemon.stop() == 0
+    assert f"KEK file {kek} is readable by every user" in daemon.log.read_text()
+    kek.chmod(0o600)
+    quiet = kmsd("init", "--store", short_tmp / "store2", "--kek-file", kek)
+    assert quiet.returncode == 0
+    assert quiet.stderr == b""
+
+
 def test_config_file_and_flags_that_override_it(short_tmp: Path) -> None:
     daemon = make_store(short_tmp / "d")
     config_socket = short_tmp / "config.sock"

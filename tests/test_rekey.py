@@ -415,8 +415,11 @@ def test_online_rekey_refuses_every_new_kek_it_cannot_obtain(fresh: KekDaemon) -
     daemon = fresh
     fifo = daemon.root / "fifo"
     os.mkfifo(fifo)
+    anyones = write_kek(daemon.root / "anyones-kek")
+    anyones.chmod(0o666)  # anyone could have put their own KEK there
     arguments = [
         b"file " + b64(str(fifo).encode()),
+        b"file " + b64(str(anyones).encode()),
         b"file " + b64(b"/dev/zero"),
         b"file " + b64(b"a\0b"),
         b"passphrase " + b64(b"a\0b"),
@@ -430,6 +433,19 @@ def test_online_rekey_refuses_every_new_kek_it_cannot_obtain(fresh: KekDaemon) -
         assert conn.ask(b"CREATE after/refusals") == b"OK 1"
     assert generations(daemon.store) == ["gen-1"]
     assert "Traceback" not in daemon.log.read_text()
+
+
+def test_a_rekey_to_a_kek_file_every_user_may_read_says_so(fresh: KekDaemon) -> None:
+    """Accepted, as at start, and said both by the daemon and by `kmsd rekey`."""
+    daemon = fresh
+    readable = write_kek(daemon.root / "readable-kek")
+    readable.chmod(0o644)
+    with running(daemon):
+        result = kmsd("rekey", "--store", daemon.store, "--new-kek-file", readable)
+        assert result.returncode == EXIT_OK, result.stderr
+        assert result.stderr.startswith(b"kmsd: warning: KEK file ")
+        assert result.stderr.count(b"\n") == 1
+    assert f"REKEY: KEK file {readable} is readable by every user" in daemon.log.read_text()
 
 
 def test_online_rekey_to_a_passphrase_and_back(fresh: KekDaemon) -> None:
