@@ -73,6 +73,7 @@ from kms_client.sync import (
     expect_idle,
     next_reply_line,
     pipeline_broken,
+    pipeline_lines,
     rewrap_total,
     rewrapped,
     settle_reply,
@@ -199,7 +200,7 @@ class AsyncClient:
         receiving loop run concurrently, so large replies cannot deadlock, and
         ``timeout`` bounds each wait for progress rather than the whole batch.
         """
-        lines = [check_request(request) for request in requests]  # each encoded once
+        lines = pipeline_lines(requests)  # each encoded once
         results: list[Any] = []
         if not requests:
             return results

@@ -346,8 +346,8 @@ def _decrypt_raw(
     ciphertext = head + read_exactly(source, MAX_RAW_CIPHERTEXT + 1 - len(head))
     if not ciphertext:
         raise LocalError("nothing to decrypt: standard input is empty")
-    if len(ciphertext) > MAX_RAW_CIPHERTEXT:
-        raise LocalError("input is neither an encrypted stream nor a single ciphertext")
+    if len(ciphertext) > MAX_RAW_CIPHERTEXT:  # too long for one: as if the daemon said so
+        raise BadCiphertext("input is neither an encrypted stream nor a single ciphertext")
     write_out(sink, client.decrypt(key_id, ciphertext, user_aad))
 
 
@@ -569,6 +569,10 @@ class OneLineUsageGroup(click.Group):
         kwargs["standalone_mode"] = False  # click raises its errors; we print them
         try:
             result = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as problem:  # no command: the help, as is
+            with contextlib.suppress(OSError):
+                click.echo(problem.ctx.get_help(), err=True)
+            sys.exit(problem.exit_code)
         except click.ClickException as problem:
             message = problem.format_message()
             context = getattr(problem, "ctx", None)
@@ -586,6 +590,9 @@ class KmsGroup(OneLineUsageGroup):
     """Turns every failure into one ``kms: ...`` line and its exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        if sys.stdout is None:  # `>&-`: say so before a request, not after a CREATE
+            _say_error("standard output is closed")
+            ctx.exit(EXIT_CODES[LOCAL])
         try:
             result = super().invoke(ctx)
             try:
@@ -642,11 +649,21 @@ def cli(ctx: click.Context, socket_path: str, timeout: float) -> None:
 
 
 def _stdin() -> IO[bytes]:
-    return sys.stdin.buffer
+    if sys.stdin is None:  # `<&-`
+        raise LocalError("standard input is closed")
+    return _blocking(sys.stdin.buffer)
 
 
 def _stdout() -> IO[bytes]:
-    return sys.stdout.buffer
+    return _blocking(sys.stdout.buffer)
+
+
+def _blocking(stream: IO[bytes]) -> IO[bytes]:
+    """``stream`` with its descriptor blocking: a parent may leave a pipe ``O_NONBLOCK``,
+    and then a read with nothing ready yet would look like the end of the input."""
+    with contextlib.suppress(OSError, ValueError):  # not a file (a test's stand-in)
+        os.set_blocking(stream.fileno(), True)
+    return stream
 
 
 @cli.command()
@@ -893,7 +910,9 @@ def info(settings: Settings, key_id: str) -> None:
     click.echo(json.dumps(details, indent=2 if pretty else None))
 
 
-def _is_terminal(stream: IO[str]) -> bool:
+def _is_terminal(stream: IO[str] | None) -> bool:
+    if stream is None:  # closed (`<&-`)
+        return False
     try:
         return stream.isatty()
     except (OSError, ValueError):

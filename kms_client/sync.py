@@ -164,6 +164,18 @@ class Delivery:
         return self._first + bisect.bisect_right(self._ends, self._taken)
 
 
+def pipeline_lines(requests: Sequence[Request[Any]]) -> list[bytes]:
+    """Each request's line (see :func:`check_request`), once; ``QUIT`` only as the last.
+
+    The daemon closes the connection after ``QUIT`` and runs nothing sent behind it,
+    so a request there would be answered by nobody, or sent again on a new connection
+    as if the daemon had gone away: refused before anything is sent.
+    """
+    if any(type(request) is Quit for request in requests[:-1]):
+        raise ValueError("QUIT ends the connection: it may only be a pipeline's last request")
+    return [check_request(request) for request in requests]
+
+
 def check_request(request: Request[Any]) -> bytes:
     """Return the request's line, refusing requests that would not be one valid line.
 
@@ -398,7 +410,7 @@ class Client:
         replies outgrow the socket buffers cannot deadlock. ``timeout`` here bounds
         each wait for progress, not the whole batch.
         """
-        lines = [check_request(request) for request in requests]  # each encoded once
+        lines = pipeline_lines(requests)  # each encoded once
         results: list[Any] = []
         if not requests:
             return results

@@ -9,8 +9,10 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -467,9 +469,88 @@ def test_encrypt_decrypt_round_trips(daemon: Daemon, daemon_env: dict[str, str])
     assert_fails(kms(["encrypt", "demo"], daemon_env, b""), 5)
     assert_fails(kms(["encrypt", "nope"], daemon_env, b"x"), 14)
     assert_fails(kms(["decrypt", "demo"], daemon_env, b"neither a stream nor a ciphertext\n"), 18)
+    too_long_for_one = os.urandom(900_000)  # neither, and past any single ciphertext: 18 too
+    assert_fails(kms(["decrypt", "demo"], daemon_env, too_long_for_one), 18)
 
     opened = kms(["decrypt", "demo", "--aad", "ctx"], daemon_env, raw)
     assert (opened.returncode, opened.stdout) == (0, b"one raw ciphertext")
+
+
+def test_a_non_blocking_stdin_is_read_to_its_end(
+    daemon: Daemon, daemon_env: dict[str, str]
+) -> None:
+    """A parent may leave its pipe O_NONBLOCK: a moment with nothing to read must not
+    end the input (it did: exit 0 and half the data sealed, or half the lines rewrapped)."""
+    with Client(daemon.socket_path) as client:
+        client.create("demo")
+        old = [client.encrypt("demo", bytes([n]) * 10) for n in range(6)]
+    lines = b"".join(base64.b64encode(ciphertext) + b"\n" for ciphertext in old)
+    for args, data in ((["encrypt", "demo"], os.urandom(2000)), (["rewrap", "demo"], lines)):
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "kms_client", *args],
+                stdin=read_end,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=daemon_env,
+                cwd=REPO,
+            )
+        finally:
+            os.close(read_end)
+        with os.fdopen(write_end, "wb") as writer:
+            writer.write(data[: len(data) // 2])
+            writer.flush()
+            time.sleep(0.5)  # the reader finds nothing ready, often
+            writer.write(data[len(data) // 2 :])
+        out, err = process.communicate(timeout=30)
+        assert process.returncode == 0, err
+        if args[0] == "encrypt":
+            assert kms(["decrypt", "demo"], daemon_env, out).stdout == data
+        else:
+            assert out.count(b"\n") == len(old)
+
+
+@pytest.mark.parametrize(
+    ("args", "closed"),
+    [
+        (["ping"], "stdout"),
+        (["create", "closed/out"], "stdout"),
+        (["encrypt", "demo"], "stdin"),
+        (["rewrap", "demo"], "stdin"),
+    ],
+)
+def test_a_closed_standard_stream_exits_5(
+    daemon: Daemon, daemon_env: dict[str, str], args: list[str], closed: str
+) -> None:
+    """`>&-` or `<&-`: one line and exit 5, never a traceback, and (stdout) no request:
+    a CREATE applied and then reported as failed would be retried into EXISTS."""
+    redirect = ">&-" if closed == "stdout" else "<&-"
+    command = shlex.join([sys.executable, "-m", "kms_client", *args])
+    result = subprocess.run(
+        ["sh", "-c", f"{command} {redirect}"],
+        env=daemon_env,
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 5, result.stderr
+    assert result.stderr.startswith(b"kms: ")
+    assert result.stderr.count(b"\n") == 1
+    if args[0] == "create":
+        with Client(daemon.socket_path) as client, pytest.raises(KeyNotFound):
+            client.info("closed/out")
+
+
+def test_no_command_prints_the_help_as_it_is() -> None:
+    """Not crushed onto one line, as click's other usage errors are."""
+    result = kms([])
+    assert result.returncode == 2
+    assert result.stderr.startswith(b"Usage: ")
+    assert b"\nCommands:\n" in result.stderr
 
 
 @pytest.mark.parametrize("args", [["ping"], ["encrypt", "demo"]])

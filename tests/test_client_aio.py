@@ -33,7 +33,7 @@ from kms_client import (
     Unavailable,
 )
 from kms_client.aio import AsyncClient as DirectAsyncClient
-from kms_client.protocol import Decrypt, Encrypt, Get, Ping, Request, Rotate
+from kms_client.protocol import Create, Decrypt, Encrypt, Get, Ping, Quit, Request, Rotate
 from tests.conftest import Daemon, serving
 from tests.scripted_server import (
     FullQueueListener,
@@ -228,6 +228,14 @@ async def test_concurrent_tasks_share_one_client(client: AsyncClient) -> None:
     async with trio.open_nursery() as nursery:
         for worker in range(8):
             nursery.start_soon(work, worker)
+
+
+async def test_quit_may_only_end_a_pipeline(client: AsyncClient) -> None:
+    with pytest.raises(ValueError, match="QUIT"):
+        await client.pipeline([Ping(), Quit(), Create("after/quit")])
+    assert await client.pipeline([Ping(), Quit()]) == [None, None]
+    with pytest.raises(KeyNotFound):
+        await client.info("after/quit")
 
 
 async def test_pipeline_of_ten_thousand(client: AsyncClient, encoded: list[Encrypt]) -> None:

@@ -35,7 +35,17 @@ from kms_client import (
     TooLong,
     Unavailable,
 )
-from kms_client.protocol import Decrypt, Encrypt, Get, Ping, Rekey, Request, Rotate
+from kms_client.protocol import (
+    Create,
+    Decrypt,
+    Encrypt,
+    Get,
+    Ping,
+    Quit,
+    Rekey,
+    Request,
+    Rotate,
+)
 from kms_server.crypto import random_bytes
 from tests.conftest import Daemon, serving
 from tests.scripted_server import (
@@ -200,6 +210,16 @@ def test_one_client_shared_by_threads(client: Client) -> None:
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def test_quit_may_only_end_a_pipeline(client: Client) -> None:
+    """The daemon runs nothing after QUIT: a request behind it is refused before sending,
+    not sent again on a new connection as if the daemon had gone away."""
+    with pytest.raises(ValueError, match="QUIT"):
+        client.pipeline([Ping(), Quit(), Create("after/quit")])
+    assert client.pipeline([Ping(), Quit()]) == [None, None]
+    with pytest.raises(KeyNotFound):
+        client.info("after/quit")  # never created; and the client goes on, reconnected
 
 
 def test_pipeline_of_ten_thousand(client: Client, encoded: list[Encrypt]) -> None:
