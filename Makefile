@@ -20,10 +20,10 @@ $(VENV)/.stamp-install: pyproject.toml | $(BIN)/python
 deps: $(VENV)/.stamp-install
 
 # Debian packages the tests drive for real: socat; systemd (systemd-analyze,
-# systemd-socket-activate); util-linux (setpriv, prlimit); passwd (useradd). Installed only
-# when missing.
+# systemd-socket-activate); util-linux (setpriv, prlimit); passwd (useradd); e2fsprogs
+# (chattr). Installed only when missing.
 DEBIAN_TEST_PACKAGES := socat:socat systemd:systemd-socket-activate util-linux:setpriv \
-	util-linux:prlimit passwd:useradd
+	util-linux:prlimit passwd:useradd e2fsprogs:chattr
 
 test-deps: deps
 	@missing=""; for entry in $(DEBIAN_TEST_PACKAGES); do \
