@@ -194,7 +194,7 @@ class Dispatcher:
             "key_id": key_id,
             "latest": record.latest,
             "exportable": self._exportable(key_id),
-            "rotate_period": record.state.rotate_period,
+            "rotate_period": store.rotation.get(key_id),
             "versions": versions,
             "kek": {"source": store.metadata.kek["kind"], "status": self._kek_status()},
         }
@@ -250,7 +250,7 @@ class Dispatcher:
         store = self.store
         if not store.ready_for_create(request.key_id):
             raise KeyExists()
-        state = KeyState(rotate_period=request.rotate_period)
+        state = KeyState()
         rotation = dict(store.rotation)
         rotation.pop(request.key_id, None)  # an entry a CREATE cut short left behind
         if request.rotate_period is not None:
@@ -258,17 +258,16 @@ class Dispatcher:
         index_changes = rotation != store.rotation
 
         def write() -> KeyVersion:
-            # Rotation index, state, version file: a crash between two steps leaves an
-            # index entry or a state file for a key that does not exist yet, which a
-            # retried CREATE overwrites, never a key that exists without them.
+            # Rotation index, version file (the commit), state: a crash before the version
+            # file leaves an index entry for no key, which a retried CREATE overwrites;
+            # one after it, a whole key whose state the next read writes (store._scan).
             with store.write_lock():
                 if index_changes:
                     store.write_rotation(rotation)
                 return store.write_version(request.key_id, 1, request.exportable, state)
 
         opened: KeyVersion = await run_blocking(write)
-        record = store.add(opened, request.rotate_period)
-        record.state.rotate_period = request.rotate_period
+        store.add(opened)
         store.rotation = rotation
         log.info("CREATE %s: version 1 written", request.key_id)
         return format_ok(b"1"), 1
@@ -281,7 +280,7 @@ class Dispatcher:
         # file is missing (damage, or a CREATE a crash cut short) refuses the ROTATE.
         exportable = store.version(key_id).exportable
         number = record.latest + 1
-        state = KeyState(record.state.rotate_period, dict(record.state.usage))
+        state = KeyState(dict(record.state.usage))
 
         def write() -> KeyVersion:
             with store.write_lock():
@@ -349,7 +348,7 @@ class Dispatcher:
         if isinstance(request, Destroy) and number == record.latest:
             raise BadRequest("the latest version cannot be destroyed; rotate first")
         target = {Retire: RETIRED, Restore: ACTIVE, Destroy: DESTROYED}[type(request)]
-        state = KeyState(record.state.rotate_period, dict(record.state.usage))
+        state = KeyState(dict(record.state.usage))
         state.usage[number] = replace(record.usage(number), state=target)
 
         def write() -> None:
@@ -375,7 +374,7 @@ class Dispatcher:
         self, key_id: str, period: int | None, run_blocking: ThreadRunner[Any]
     ) -> Reply:
         store = self.store
-        state = KeyState(period, dict(store.record(key_id).state.usage))
+        store.record(key_id)  # NOT_FOUND for no such key
         rotation = dict(store.rotation)
         if period is None:
             rotation.pop(key_id, None)
@@ -383,13 +382,14 @@ class Dispatcher:
             rotation[key_id] = period
 
         def write() -> None:
+            # The index alone holds periods: one atomic write, so a crash leaves the
+            # old period or the new one.
             with store.write_lock():
-                store.write_state(key_id, state)
                 store.write_rotation(rotation)
 
-        await run_blocking(write)
-        store.record(key_id).state.rotate_period = period  # the cached record now
-        store.rotation = rotation
+        if rotation != store.rotation:
+            await run_blocking(write)
+            store.rotation = rotation
         log.info("CONFIG %s: rotation period %s", key_id, period)
         return format_ok(), None
 

@@ -394,14 +394,17 @@ class Sealer:
 
 @dataclass
 class KeyState:
-    """A key's rotation period and each version's state, counters and creation time."""
+    """Each version's state, counters and creation time.
 
-    rotate_period: int | None = None
+    A key's rotation period is not here: the rotation index alone holds it, so
+    ``CONFIG`` is one atomic write and a crash cannot leave two periods. (State
+    files written before kept a copy under ``rotate_period``; it is ignored.)
+    """
+
     usage: dict[int, VersionUsage] = field(default_factory=dict)
 
     def to_document(self) -> dict[str, Any]:
         return {
-            "rotate_period": self.rotate_period,
             "versions": {
                 str(number): {
                     "state": usage.state,
@@ -416,8 +419,7 @@ class KeyState:
 
     @classmethod
     def from_document(cls, document: dict[str, Any]) -> KeyState:
-        period = document.get("rotate_period")
-        state = cls(rotate_period=period if isinstance(period, int) else None)
+        state = cls()
         for number, entry in dict(document.get("versions", {})).items():
             created = entry.get("created")
             state.usage[int(number)] = VersionUsage(
@@ -565,8 +567,13 @@ class KeyStore:
         )
         if not files and STATE_NAME not in names:
             return None
-        if files and STATE_NAME not in names:
-            # CREATE writes the state file first, so only a deletion takes it away, and
+        if STATE_NAME not in names:
+            if files == [1]:  # a CREATE a crash cut short after its commit: finish it
+                state = KeyState()
+                self.write_state(key_id, state)
+                log.info("key %s: wrote the state file of a CREATE a crash cut short", key_id)
+                return KeyRecord(key_id, files, state)
+            # Any later write needs the state file, so only a deletion takes it away, and
             # with it every RETIRE and DESTROY: serving the key would undo them.
             log.error("key %s: its state file is missing: refusing to serve it", key_id)
             raise KeyFileDamaged()
@@ -589,14 +596,13 @@ class KeyStore:
         return KeyRecord(key_id, files, state)
 
     def ready_for_create(self, key_id: str) -> bool:
-        """Whether a CREATE of ``key_id`` may write it: no such key, or only the state
-        file of a CREATE that a crash cut short.
+        """Whether a CREATE of ``key_id`` may write it: no such key, or only a state
+        file naming version 1, never used, without its file.
 
-        CREATE writes the state (version 1, never used) before the version file, and
-        removes it again when the version file fails. A key whose files were deleted
-        looks the same once its state names nothing else: a CREATE may replace
-        either, which loses nothing. The stale record is dropped from the cache, so
-        the CREATE publishes a fresh one.
+        That is what a key whose files were deleted leaves, or a CREATE cut short by
+        an earlier kmsd (which wrote the state first): a CREATE may replace either,
+        which loses nothing. The stale record is dropped from the cache, so the
+        CREATE publishes a fresh one.
         """
         record = self._cache.get(key_id) or self._scan(key_id)
         if record is None:
@@ -747,10 +753,10 @@ class KeyStore:
         Touches no cache state, so it is safe beside the event loop; the caller
         publishes the result with :meth:`add` once back on the loop.
         Raises :class:`KeyExists` if that version's file already exists. Version 1
-        makes a key: its state file (``state``, with this version in it; a fresh one
-        when not given) is written first, so a key's version files never exist
-        without its state file, and a missing one can only be a deletion (see
-        :meth:`_scan`).
+        makes a key: its file is the commit, and its state file (``state``, with this
+        version in it; a fresh one when not given) follows. A crash between the two
+        leaves a key that was never used, which is what version 1 without a state
+        file is taken for (see :meth:`_scan`); a failure removes the file again.
         """
         directory = self.key_directory(key_id)
         make_private_dirs(directory, self.generation / KEYS_DIR)
@@ -762,19 +768,23 @@ class KeyStore:
         opened = KeyVersion(key_id, version, self._clock(), exportable, material)
         opened.usage.created = opened.created  # the caller puts this usage in the state file
         try:
-            if new_key:
-                state = KeyState() if state is None else state
-                state.usage[version] = opened.usage
-                self.write_state(key_id, state)
             write_new_file(path, self.sealer.seal_key_file(opened))
         except BaseException as error:
             opened.wipe()  # fresh material that never made it to disk
             if isinstance(error, FileExistsError):
                 raise KeyExists() from None
-            if new_key:  # no state without its first version: nothing half-made stays
-                with contextlib.suppress(OSError):
-                    (directory / STATE_NAME).unlink()
             raise
+        if new_key:
+            state = KeyState() if state is None else state
+            state.usage[version] = opened.usage
+            try:
+                self.write_state(key_id, state)
+            except BaseException:  # a failed CREATE leaves no key: take the file back
+                opened.wipe()
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    fsync_directory(directory)
+                raise
         return opened
 
     def write_state(self, key_id: str, state: KeyState) -> None:
@@ -794,11 +804,11 @@ class KeyStore:
             (directory / file_name(version)).unlink()
         fsync_directory(directory)
 
-    def add(self, opened: KeyVersion, rotate_period: int | None = None) -> KeyRecord:
+    def add(self, opened: KeyVersion) -> KeyRecord:
         """Publish a version just written by :meth:`write_version` to the cache."""
         record = self._cache.get(opened.key_id) or self._scan(opened.key_id)
         if record is None:
-            record = KeyRecord(opened.key_id, [], KeyState(rotate_period=rotate_period))
+            record = KeyRecord(opened.key_id, [], KeyState())
         self._remember(record)
         if opened.version not in record.files:
             record.files = sorted([*record.files, opened.version])
@@ -816,8 +826,7 @@ class KeyStore:
             record = self._cache.get(key_id)
             if record is not None:
                 state = KeyState(
-                    record.state.rotate_period,
-                    {number: replace(usage) for number, usage in record.state.usage.items()},
+                    {number: replace(usage) for number, usage in record.state.usage.items()}
                 )
                 snapshot.append((key_id, state))
         return snapshot

@@ -38,7 +38,7 @@ from kms_server.kek import (
     obtain_for_store,
     read_small_file,
 )
-from kms_server.keys import KeyVersion
+from kms_server.keys import KeyVersion, VersionUsage
 from kms_server.maintenance import verify
 from kms_server.server import AccessControl, Limits, Server
 from kms_server.store import (
@@ -467,8 +467,8 @@ def test_state_file_is_bound_to_its_key(store_dir: Path, kek: bytes) -> None:
     first = KeyStore(store_dir, kek, clock=clock)
     for key_id in ("a", "b"):
         write_key(first, key_id)
-    first.write_state("a", KeyState(rotate_period=60))
-    first.write_state("b", KeyState(rotate_period=None))
+    first.write_state("a", KeyState({1: VersionUsage(encryptions=60)}))
+    first.write_state("b", KeyState({1: VersionUsage()}))
     first.close()
     a_state = key_file(store_dir, "a", 1).parent / STATE_NAME
     b_state = key_file(store_dir, "b", 1).parent / STATE_NAME
@@ -476,7 +476,7 @@ def test_state_file_is_bound_to_its_key(store_dir: Path, kek: bytes) -> None:
     shutil.copyfile(a_state, b_state)
     reopened = KeyStore(store_dir, kek, clock=clock)
     try:
-        assert reopened.record("a").state.rotate_period == 60
+        assert reopened.record("a").usage(1).encryptions == 60
         with pytest.raises(KeyFileDamaged):
             reopened.record("b")
         edited = bytearray(good_b)
@@ -485,7 +485,7 @@ def test_state_file_is_bound_to_its_key(store_dir: Path, kek: bytes) -> None:
         with pytest.raises(KeyFileDamaged):
             reopened.record("b")
         b_state.write_bytes(good_b)
-        assert reopened.record("b").state.rotate_period is None
+        assert reopened.record("b").usage(1).encryptions == 0
     finally:
         reopened.close()
 
@@ -559,7 +559,7 @@ def test_large_store_opens_and_serves_lazily(fast_tmp: Path) -> None:
             finally:
                 os.close(fd)
     for key in opened_keys:
-        builder.write_state(f"tenant/k{key}", KeyState(rotate_period=86400))
+        builder.write_state(f"tenant/k{key}", KeyState({1: VersionUsage(encryptions=key)}))
     builder.close()
     assert sum(1 for _ in keys_dir.rglob("_v*.key")) == keys * versions
 
@@ -572,7 +572,7 @@ def test_large_store_opens_and_serves_lazily(fast_tmp: Path) -> None:
             latest = opened.version(f"tenant/k{key}")
             assert latest.version == versions
             assert opened.version(f"tenant/k{key}", 1).version == 1
-            assert opened.record(f"tenant/k{key}").state.rotate_period == 86400
+            assert opened.record(f"tenant/k{key}").usage(1).encryptions == key
         with pytest.raises(KeyFileDamaged):  # the template copies are refused when opened
             opened.version("tenant/k1", 1)
     finally:
@@ -790,7 +790,6 @@ def test_obtain_for_store_refuses_another_source_kind(tmp_path: Path) -> None:
             b"DESTROY a 1",
             lambda record: record.usage(1).state == "destroyed" and 1 not in record.opened,
         ),
-        (b"CONFIG a rotate=30d", lambda record: record.state.rotate_period == 30 * 86400),
     ],
 )
 def test_a_state_change_lands_on_the_record_cached_after_its_write(
@@ -1087,11 +1086,15 @@ def test_a_destroy_cut_short_by_a_failing_disk_stays_destroyed(
 def test_a_create_whose_version_file_fails_is_no_key(
     store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """CREATE wrote the state, then failed on the version file: it removes the state, so
-    nothing is a key, for any verb or the rotation check, until a new CREATE makes it."""
+    """CREATE failed on its version file (or, its commit made, on the state file after it):
+    no file stays, so nothing is a key, for any verb or the rotation check, until a new
+    CREATE makes it."""
     with FailingWrites(store_dir, kek) as writes:
         fail_once(monkeypatch, store_module, "write_new_file", after=False)
         assert writes.ask(b"CREATE f/c exportable rotate=1s").startswith(b"ERR INTERNAL")
+        fail_once(monkeypatch, KeyStore, "write_state", after=False)
+        assert writes.ask(b"CREATE f/c exportable rotate=1s").startswith(b"ERR INTERNAL")
+        assert not (store_dir / LIVE_LINK / KEYS_DIR / "f" / "c" / "_v1.key").exists()
         assert not (store_dir / LIVE_LINK / KEYS_DIR / "f" / "c" / STATE_NAME).exists()
         assert writes.ask(b"GET f/c").startswith(b"ERR NOT_FOUND")
         assert writes.ask(b"ROTATE f/c").startswith(b"ERR NOT_FOUND")
@@ -1104,9 +1107,10 @@ def test_a_create_whose_version_file_fails_is_no_key(
 def test_a_state_without_its_first_version_is_reported_not_rotated(
     store_dir: Path, kek: bytes
 ) -> None:
-    """What a crash between CREATE's two writes leaves, or a key whose only version file
-    was lost: a key used only through GET counts no use, so the two look alike. Neither
-    is hidden (GET and ROTATE refuse it, verify reports it); a new CREATE replaces it."""
+    """A key whose only version file was lost (or what a crash between the two writes of
+    an earlier kmsd's CREATE left, which wrote the state first): a key used only through
+    GET counts no use, so the two look alike. Neither is hidden (GET and ROTATE refuse
+    it, verify reports it); a new CREATE replaces it."""
     with FailingWrites(store_dir, kek) as writes:
         assert writes.ask(b"CREATE f/lost exportable") == b"OK 1\n"
         assert writes.ask(b"GET f/lost").startswith(b"OK 1 ")
