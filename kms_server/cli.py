@@ -772,6 +772,7 @@ def verify(store: Path, **kek_settings: Any) -> None:
             reports = maintenance.verify(store, kek)
         finally:
             wipe(kek)
+        warn_if_exposed(source, say_warning)
     damaged = 0
     for report in reports:
         if report.problems:

@@ -351,6 +351,9 @@ def test_a_kek_file_every_user_may_read_is_used_with_a_warning(short_tmp: Path) 
     finally:
         assert daemon.stop() == 0
     assert f"KEK file {kek} is readable by every user" in daemon.log.read_text()
+    verified = kmsd("verify", "--store", short_tmp / "store", "--kek-file", kek)
+    assert verified.returncode == 0, verified.stdout
+    assert verified.stderr.startswith(b"kmsd: warning: KEK file ")
     kek.chmod(0o600)
     quiet = kmsd("init", "--store", short_tmp / "store2", "--kek-file", kek)
     assert quiet.returncode == 0

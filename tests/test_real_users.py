@@ -118,7 +118,8 @@ operations = ["get", "datakey"]
 [[allow]]
 users = ["{ROOT_NAME}"]
 keys = ["*"]
-operations = ["create", "rotate", "info", "get", "enc", "dec", "datakey"]
+operations = ["get", "enc", "dec", "datakey", "info", "create", "rotate", "rewrap",
+              "retire", "restore", "destroy", "config", "rekey"]
 
 # Members of kmst-pg's group, primary or supplementary, may read the metadata of shared/*.
 [[allow]]
