@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from kms_server.kek import KekError, KekFile, KekSource, PassphraseCommand, expo
 from kms_server.keys import DESTROYED
 from kms_server.store import (
     KEYS_DIR,
+    LIVE_LINK,
     LOCK_NAME,
     METADATA_NAME,
     ROTATION_NAME,
@@ -208,12 +210,30 @@ def _read_backup(archive_path: Path) -> dict[str, bytes]:
     return files
 
 
+#: In a store directory while ``kmsd restore`` fills it (see :func:`restore`).
+RESTORING_MARK = ".restoring"
+
+
 def restore(archive_path: Path, store_dir: Path) -> StoreMetadata:
-    """Unpack a backup into a missing or empty ``store_dir`` as its live generation."""
+    """Unpack a backup into a missing or empty ``store_dir`` as its live generation.
+
+    A mark file says a restore is under way until ``live`` exists: a directory a
+    restore cut short (killed, a full disk) holds that mark and no ``live``, and a
+    new restore empties it and starts over, where any other content is refused.
+    """
     if store_dir.exists() and not store_dir.is_dir():
         raise StoreError(f"{store_dir} exists and is not a directory")
-    if store_dir.exists() and any(store_dir.iterdir()):
-        raise StoreError(f"{store_dir} is not empty; restore needs an empty directory")
+    if store_dir.exists():
+        entries = os.listdir(store_dir)
+        if RESTORING_MARK in entries and LIVE_LINK not in entries:
+            for name in entries:  # a restore cut short: nothing there is a store yet
+                path = store_dir / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        elif entries:
+            raise StoreError(f"{store_dir} is not empty; restore needs an empty directory")
     try:
         files = _read_backup(archive_path)
     except OSError as exc:
@@ -225,6 +245,8 @@ def restore(archive_path: Path, store_dir: Path) -> StoreMetadata:
     metadata = StoreMetadata.from_json(files[METADATA_NAME])
     make_private_dirs(store_dir, Path(store_dir.anchor or "."))
     os.chmod(store_dir, 0o700)
+    write_fsynced(store_dir / RESTORING_MARK, b"")
+    fsync_directory(store_dir)
     generation = generation_directory(store_dir, metadata.generation)
     generation.mkdir(mode=0o700)
     for name, data in sorted(files.items()):
@@ -234,6 +256,8 @@ def restore(archive_path: Path, store_dir: Path) -> StoreMetadata:
     for directory, _, _ in os.walk(generation):
         fsync_directory(Path(directory))
     switch_live(store_dir, generation)
+    (store_dir / RESTORING_MARK).unlink()
+    fsync_directory(store_dir)
     return metadata
 
 

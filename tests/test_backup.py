@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from kms_server.maintenance import RESTORING_MARK
 from kms_server.store import KEYS_DIR, LIVE_LINK, METADATA_NAME, ROTATION_NAME, STATE_NAME
 from tests.conftest import Daemon, kmsd, kmsd_all, make_store
 from tests.test_rekey import (
@@ -225,6 +226,31 @@ def test_restore_refuses_a_non_empty_directory_and_bad_archives(
     # Useless without the KEK.
     other = write_kek(short_tmp / "other-kek")
     assert kmsd("verify", "--store", empty, "--kek-file", other).returncode == EXIT_STORE
+
+
+def test_a_restore_cut_short_can_be_run_again(stopped: Daemon, short_tmp: Path) -> None:
+    """A restore killed part way (reproduced by what it leaves: its mark, part of a
+    generation, no `live`) is emptied and done again; a store without `live` and
+    without the mark is someone's damaged store, and is left alone."""
+    daemon = stopped
+    archive = short_tmp / "kms.backup"
+    with running(daemon):
+        populate(daemon.socket_path, 2, 2)
+    assert kmsd("backup", "--store", daemon.store, "--out", archive).returncode == EXIT_OK
+    cut_short = short_tmp / "cut-short"
+    (cut_short / "gen-1" / "keys").mkdir(mode=0o700, parents=True)
+    (cut_short / "gen-1" / METADATA_NAME).write_bytes(b"half of it")
+    (cut_short / RESTORING_MARK).write_bytes(b"")
+    damaged = short_tmp / "damaged"
+    (damaged / "gen-1").mkdir(mode=0o700, parents=True)
+    results = kmsd_all(
+        ["restore", "--in", archive, "--store", cut_short],
+        ["restore", "--in", archive, "--store", damaged],
+    )
+    assert [result.returncode for result in results] == [EXIT_OK, EXIT_STORE]
+    assert sorted(os.listdir(cut_short)) == ["gen-1", "live"]  # and no mark left
+    assert kmsd("verify", "--store", cut_short, "--kek-file", daemon.kek_file).returncode == 0
+    assert os.listdir(damaged) == ["gen-1"]
 
 
 def tar_with(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
