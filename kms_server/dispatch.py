@@ -353,9 +353,12 @@ class Dispatcher:
 
         def write() -> None:
             with store.write_lock():
+                if target == DESTROYED:  # a crash before the file is gone: the next start
+                    store.begin_erase(key_id)  # finishes it (store._finish_erase)
                 store.write_state(key_id, state)  # durable first: a crash leaves it destroyed
                 if target == DESTROYED:
                     store.remove_version_file(key_id, number)
+                    store.end_erase()
 
         await run_blocking(write)
         # Meanwhile other connections may have evicted the key and read it back: change

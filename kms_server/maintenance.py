@@ -32,6 +32,7 @@ from kms_server.files import fsync_directory, make_private_dirs, temporary_path,
 from kms_server.kek import KekError, KekFile, KekSource, PassphraseCommand, exposure_of
 from kms_server.keys import DESTROYED
 from kms_server.store import (
+    ERASING_NAME,
     KEYS_DIR,
     LIVE_LINK,
     LOCK_NAME,
@@ -286,15 +287,20 @@ def verify(store_dir: Path, kek: bytes | bytearray) -> list[KeyReport]:
         except KmsError:
             report.problems.append(f"{ROTATION_NAME} does not open (edited or corrupted)")
         reports.append(report)
+    try:  # a DESTROY a crash cut short: the daemon's next start erases the file
+        erasing = (generation / ERASING_NAME).read_bytes().strip().decode("ascii", "replace")
+    except FileNotFoundError:
+        erasing = None
     keys_dir = generation / KEYS_DIR
     for key_id in sorted(walk_key_ids(keys_dir)):
         directory = keys_dir.joinpath(*key_id.split("/"))
-        reports.append(_verify_key(sealer, key_id, directory))
+        reports.append(_verify_key(sealer, key_id, directory, erasing=key_id == erasing))
     return reports
 
 
-def _verify_key(sealer: Sealer, key_id: str, directory: Path) -> KeyReport:
-    """One key's seals, and its state against its files."""
+def _verify_key(sealer: Sealer, key_id: str, directory: Path, *, erasing: bool) -> KeyReport:
+    """One key's seals, and its state against its files (``erasing``: a DESTROY of this
+    key was cut short, so a destroyed version's file still there is no damage)."""
     report = KeyReport(key_id)
     files = key_file_versions(directory)
     state = KeyState()
@@ -330,7 +336,7 @@ def _verify_key(sealer: Sealer, key_id: str, directory: Path) -> KeyReport:
                 f"version {number}: file missing"
                 + (" (or a CREATE cut short: a new CREATE replaces it)" if not files else "")
             )
-        if number in files and destroyed:
+        if number in files and destroyed and not erasing:
             report.problems.append(f"version {number}: destroyed but its file is still there")
     report.versions = len(known)
     return report

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from kms_client.errors import InternalError, KeyExists, KeyNotFound, KmsError, Retired
+from kms_client.protocol import validate_key_id
 from kms_server.crypto import (
     KEY_SIZE,
     XAES256GCM,
@@ -83,6 +84,9 @@ GENERATION_PREFIX = "gen-"
 KEYS_DIR = "keys"
 STATE_NAME = "_state.seal"
 ROTATION_NAME = "rotation.seal"
+#: Names the key a DESTROY is erasing, from before its state says so until its file is
+#: gone: a crash between the two is finished at the next start (unsealed: a key id).
+ERASING_NAME = "erasing"
 KEY_FILE_MAGIC = b"KMSK\x01"
 _KEY_FILE_RE = re.compile(r"_v([1-9][0-9]{0,9})\.key")
 _GENERATION_RE = re.compile(r"gen-([1-9][0-9]{0,9})")
@@ -509,6 +513,7 @@ class KeyStore:
             self._cache: OrderedDict[str, KeyRecord] = OrderedDict()
             self._cache_keys = cache_keys
             self.rotation = self._read_rotation()
+            self._finish_erase()
         except BaseException:
             self._lock.__exit__(None, None, None)  # any failure to open leaves the store free
             raise
@@ -536,6 +541,34 @@ class KeyStore:
                 os.ftruncate(self._lock_fd, 0)
             self._lock.__exit__(None, None, None)
             self._lock_fd = -1
+
+    def _finish_erase(self) -> None:
+        """Finish a DESTROY a crash cut short between its state and the erasure of its
+        file (see :meth:`begin_erase`): reading the key erases every file its state
+        calls destroyed. A DESTROY cut short before its state was written erases nothing."""
+        path = self.generation / ERASING_NAME
+        try:
+            named = path.read_bytes().strip()
+        except FileNotFoundError:
+            return
+        try:
+            key_id = validate_key_id(named)  # unsealed: never a path outside the store
+            self._scan(key_id)
+        except (KmsError, OSError) as error:
+            log.error("cannot finish the DESTROY a crash cut short: %s", error)
+        with contextlib.suppress(OSError):  # else the next start tries again
+            path.unlink()
+            fsync_directory(self.generation)
+
+    def begin_erase(self, key_id: str) -> None:
+        """Before a DESTROY's state is written: name the key, durably (worker thread)."""
+        replace_file(self.generation / ERASING_NAME, key_id.encode("ascii") + b"\n")
+
+    def end_erase(self) -> None:
+        """After the destroyed version's file is gone (worker thread)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.generation / ERASING_NAME).unlink()
+        fsync_directory(self.generation)
 
     def write_lock(self) -> contextlib.AbstractContextManager[int]:
         """Exclusive with other writers and with backups (blocking: worker threads only)."""

@@ -42,6 +42,7 @@ from kms_server.keys import KeyVersion, VersionUsage
 from kms_server.maintenance import verify
 from kms_server.server import AccessControl, Limits, Server
 from kms_server.store import (
+    ERASING_NAME,
     KEYS_DIR,
     LIVE_LINK,
     METADATA_NAME,
@@ -1080,6 +1081,26 @@ def test_a_destroy_cut_short_by_a_failing_disk_stays_destroyed(
         assert writes.ask(b"DEC f/d " + ciphertext).startswith(b"ERR RETIRED")
         assert writes.ask(b"ENC f/d aGk=").startswith(b"OK ")  # version 2 serves on
         writes.flush_counters()
+    assert problems(store_dir, kek) == []
+
+
+def test_a_destroy_cut_short_before_its_erasure_is_finished_at_the_next_start(
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state says destroyed, the file is still there (a crash, stood in for by a
+    failing unlink): the next start erases it, not the next use of the key, so a backup
+    or a key nobody reads again does not keep it; verify calls it no damage meanwhile."""
+    with FailingWrites(store_dir, kek) as writes:
+        assert writes.ask(b"CREATE f/e") == b"OK 1\n"
+        assert writes.ask(b"ROTATE f/e") == b"OK 2\n"
+        fail_once(monkeypatch, KeyStore, "remove_version_file", after=False)
+        assert writes.ask(b"DESTROY f/e 1").startswith(b"ERR INTERNAL")
+    version_file = store_dir / LIVE_LINK / KEYS_DIR / "f" / "e" / "_v1.key"
+    assert version_file.exists()
+    assert problems(store_dir, kek) == []
+    KeyStore(store_dir, kek, clock=clock).close()  # a start, and nothing asked of f/e
+    assert not version_file.exists()
+    assert not (store_dir / LIVE_LINK / ERASING_NAME).exists()
     assert problems(store_dir, kek) == []
 
 
