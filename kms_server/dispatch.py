@@ -258,9 +258,9 @@ class Dispatcher:
         index_changes = rotation != store.rotation
 
         def write() -> KeyVersion:
-            # Rotation index, version file (the commit), state: a crash before the version
-            # file leaves an index entry for no key, which a retried CREATE overwrites;
-            # one after it, a whole key whose state the next read writes (store._scan).
+            # Rotation index, state ("creating"), version file (the commit), state: a crash
+            # before the commit leaves an index entry and a state that are no key, which a
+            # retried CREATE overwrites, never a key that exists without them.
             with store.write_lock():
                 if index_changes:
                     store.write_rotation(rotation)
@@ -358,7 +358,7 @@ class Dispatcher:
                 store.write_state(key_id, state)  # durable first: a crash leaves it destroyed
                 if target == DESTROYED:
                     store.remove_version_file(key_id, number)
-                    store.end_erase()
+                    store.end_erase(key_id)
 
         await run_blocking(write)
         # Meanwhile other connections may have evicted the key and read it back: change
@@ -390,9 +390,8 @@ class Dispatcher:
             with store.write_lock():
                 store.write_rotation(rotation)
 
-        if rotation != store.rotation:
-            await run_blocking(write)
-            store.rotation = rotation
+        await run_blocking(write)  # even unchanged: a CONFIG repairs an index read badly
+        store.rotation = rotation
         log.info("CONFIG %s: rotation period %s", key_id, period)
         return format_ok(), None
 

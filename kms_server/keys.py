@@ -47,6 +47,9 @@ def ciphertext_version(ciphertext: bytes) -> int:
 ACTIVE = "active"
 RETIRED = "retired"
 DESTROYED = "destroyed"
+#: Version 1 in the state a CREATE writes before its version file: no key without that
+#: file (a crash cut the CREATE short), an active version with it.
+CREATING = "creating"
 
 
 @dataclass(slots=True)

@@ -30,7 +30,7 @@ from kms_server.crypto import constant_time_equal, wipe
 from kms_server.dispatch import Rekeyer, ThreadRunner
 from kms_server.files import fsync_directory, make_private_dirs, temporary_path, write_fsynced
 from kms_server.kek import KekError, KekFile, KekSource, PassphraseCommand, exposure_of
-from kms_server.keys import DESTROYED
+from kms_server.keys import CREATING, DESTROYED
 from kms_server.store import (
     ERASING_NAME,
     KEYS_DIR,
@@ -287,14 +287,14 @@ def verify(store_dir: Path, kek: bytes | bytearray) -> list[KeyReport]:
         except KmsError:
             report.problems.append(f"{ROTATION_NAME} does not open (edited or corrupted)")
         reports.append(report)
-    try:  # a DESTROY a crash cut short: the daemon's next start erases the file
-        erasing = (generation / ERASING_NAME).read_bytes().strip().decode("ascii", "replace")
+    try:  # DESTROYs a crash cut short: the daemon's next start erases their files
+        erasing = set((generation / ERASING_NAME).read_bytes().decode("ascii", "replace").split())
     except FileNotFoundError:
-        erasing = None
+        erasing = set()
     keys_dir = generation / KEYS_DIR
     for key_id in sorted(walk_key_ids(keys_dir)):
         directory = keys_dir.joinpath(*key_id.split("/"))
-        reports.append(_verify_key(sealer, key_id, directory, erasing=key_id == erasing))
+        reports.append(_verify_key(sealer, key_id, directory, erasing=key_id in erasing))
     return reports
 
 
@@ -306,11 +306,10 @@ def _verify_key(sealer: Sealer, key_id: str, directory: Path, *, erasing: bool) 
     state = KeyState()
     state_path = directory / STATE_NAME
     if not state_path.exists():
-        if files != [1]:  # version 1 alone: a CREATE cut short after its commit (see _scan)
-            report.problems.append(
-                "state file missing (deleted?): served without it, every retired version"
-                " would be active again; the daemon refuses the key"
-            )
+        report.problems.append(
+            "state file missing (deleted?): served without it, every retired version would"
+            " be active again; the daemon refuses the key"
+        )
     else:
         try:
             state = KeyState.from_document(
@@ -318,6 +317,9 @@ def _verify_key(sealer: Sealer, key_id: str, directory: Path, *, erasing: bool) 
             )
         except KmsError:
             report.problems.append("state file does not open (edited, corrupted or swapped)")
+        first = state.usage.get(1)
+        if first is not None and first.state == CREATING and 1 not in files:
+            return report  # a CREATE a crash cut short: no key, and a new CREATE replaces it
     for number in files:
         path = directory / file_name(number)
         try:
@@ -334,7 +336,7 @@ def _verify_key(sealer: Sealer, key_id: str, directory: Path, *, erasing: bool) 
         if number not in files and not destroyed:
             report.problems.append(
                 f"version {number}: file missing"
-                + (" (or a CREATE cut short: a new CREATE replaces it)" if not files else "")
+                + (" (a new CREATE replaces the key)" if not files else "")
             )
         if number in files and destroyed and not erasing:
             report.problems.append(f"version {number}: destroyed but its file is still there")

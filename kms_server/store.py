@@ -71,7 +71,7 @@ from kms_server.files import (
     replace_file,
     write_new_file,
 )
-from kms_server.keys import ACTIVE, DESTROYED, KeyVersion, VersionUsage
+from kms_server.keys import ACTIVE, CREATING, DESTROYED, KeyVersion, VersionUsage
 
 log = logging.getLogger("kmsd.store")
 
@@ -84,8 +84,9 @@ GENERATION_PREFIX = "gen-"
 KEYS_DIR = "keys"
 STATE_NAME = "_state.seal"
 ROTATION_NAME = "rotation.seal"
-#: Names the key a DESTROY is erasing, from before its state says so until its file is
-#: gone: a crash between the two is finished at the next start (unsealed: a key id).
+#: Lists the keys DESTROYs are erasing, each from before its state says so until its file
+#: is gone: what a crash (or a failing disk) left between the two, the next start
+#: finishes (unsealed: key ids).
 ERASING_NAME = "erasing"
 KEY_FILE_MAGIC = b"KMSK\x01"
 _KEY_FILE_RE = re.compile(r"_v([1-9][0-9]{0,9})\.key")
@@ -464,7 +465,7 @@ class KeyRecord:
 
 
 def _unfinished_create(state: KeyState) -> bool:
-    """A state naming version 1 alone, never used: what a CREATE writes before the file."""
+    """A state naming version 1 alone, never used: nothing to lose if it is replaced."""
     if set(state.usage) != {1}:
         return False
     usage = state.usage[1]
@@ -543,32 +544,58 @@ class KeyStore:
             self._lock_fd = -1
 
     def _finish_erase(self) -> None:
-        """Finish a DESTROY a crash cut short between its state and the erasure of its
-        file (see :meth:`begin_erase`): reading the key erases every file its state
-        calls destroyed. A DESTROY cut short before its state was written erases nothing."""
-        path = self.generation / ERASING_NAME
+        """Finish the DESTROYs a crash (or a failing disk) cut short between their state
+        and the erasure of their files (see :meth:`begin_erase`): reading a key erases
+        every file its state calls destroyed; one cut short before its state was
+        written erases nothing. The list is kept until every key on it was read."""
+        erasing = self._erasing()
+        for key_id in list(erasing):
+            try:
+                self._scan(key_id)
+            except KmsError as error:  # damaged: verify and the next use report it
+                log.error("cannot finish a DESTROY of %s: %s", key_id, error)
+            except OSError as error:  # short of descriptors, a failing disk: next start
+                log.error("cannot finish a DESTROY of %s yet: %s", key_id, error)
+                continue
+            erasing.remove(key_id)
         try:
-            named = path.read_bytes().strip()
+            self._write_erasing(erasing)
+        except OSError as error:  # the keys on it were read: the next start reads them again
+            log.error("cannot update %s: %s", ERASING_NAME, error)
+
+    def _erasing(self) -> list[str]:
+        """The key ids of the ``erasing`` list (unsealed: each checked as a key id, so
+        none can name a path outside the store)."""
+        try:
+            lines = (self.generation / ERASING_NAME).read_bytes().split()
         except FileNotFoundError:
-            return
-        try:
-            key_id = validate_key_id(named)  # unsealed: never a path outside the store
-            self._scan(key_id)
-        except (KmsError, OSError) as error:
-            log.error("cannot finish the DESTROY a crash cut short: %s", error)
-        with contextlib.suppress(OSError):  # else the next start tries again
+            return []
+        erasing = []
+        for line in lines:
+            try:
+                erasing.append(validate_key_id(line))
+            except KmsError:
+                log.error("ignored %r in %s: not a key id", line[:40], ERASING_NAME)
+        return erasing
+
+    def _write_erasing(self, erasing: list[str]) -> None:
+        path = self.generation / ERASING_NAME
+        if erasing:
+            replace_file(path, "".join(f"{key_id}\n" for key_id in erasing).encode())
+        elif path.exists():
             path.unlink()
             fsync_directory(self.generation)
 
     def begin_erase(self, key_id: str) -> None:
-        """Before a DESTROY's state is written: name the key, durably (worker thread)."""
-        replace_file(self.generation / ERASING_NAME, key_id.encode("ascii") + b"\n")
+        """Before a DESTROY's state is written: add the key to the list, durably (worker
+        thread, under the write lock)."""
+        erasing = self._erasing()
+        if key_id not in erasing:
+            self._write_erasing([*erasing, key_id])
 
-    def end_erase(self) -> None:
-        """After the destroyed version's file is gone (worker thread)."""
-        with contextlib.suppress(FileNotFoundError):
-            (self.generation / ERASING_NAME).unlink()
-        fsync_directory(self.generation)
+    def end_erase(self, key_id: str) -> None:
+        """After the destroyed version's file is gone (worker thread, under the write lock)."""
+        self._write_erasing([named for named in self._erasing() if named != key_id])
 
     def write_lock(self) -> contextlib.AbstractContextManager[int]:
         """Exclusive with other writers and with backups (blocking: worker threads only)."""
@@ -600,13 +627,8 @@ class KeyStore:
         )
         if not files and STATE_NAME not in names:
             return None
-        if STATE_NAME not in names:
-            if files == [1]:  # a CREATE a crash cut short after its commit: finish it
-                state = KeyState()
-                self.write_state(key_id, state)
-                log.info("key %s: wrote the state file of a CREATE a crash cut short", key_id)
-                return KeyRecord(key_id, files, state)
-            # Any later write needs the state file, so only a deletion takes it away, and
+        if files and STATE_NAME not in names:
+            # CREATE writes the state file first, so only a deletion takes it away, and
             # with it every RETIRE and DESTROY: serving the key would undo them.
             log.error("key %s: its state file is missing: refusing to serve it", key_id)
             raise KeyFileDamaged()
@@ -614,6 +636,11 @@ class KeyStore:
         state = KeyState.from_document(
             self.sealer.open_document(b"state", key_id, path.read_bytes(), path)
         )
+        first = state.usage.get(1)
+        if first is not None and first.state == CREATING:
+            if 1 not in files:
+                return None  # a CREATE a crash cut short before its commit: no key
+            first.state = ACTIVE  # committed; its next state write says so
         leftovers = [
             number
             for number in files
@@ -629,12 +656,10 @@ class KeyStore:
         return KeyRecord(key_id, files, state)
 
     def ready_for_create(self, key_id: str) -> bool:
-        """Whether a CREATE of ``key_id`` may write it: no such key, or only a state
-        file naming version 1, never used, without its file.
-
-        That is what a key whose files were deleted leaves, or a CREATE cut short by
-        an earlier kmsd (which wrote the state first): a CREATE may replace either,
-        which loses nothing. The stale record is dropped from the cache, so the
+        """Whether a CREATE of ``key_id`` may write it: no such key (a CREATE cut short
+        is none, see :meth:`_scan`), or only a state naming version 1, never used,
+        without its file: a key whose only file was lost, which a CREATE may replace
+        without losing anything. The stale record is dropped from the cache, so the
         CREATE publishes a fresh one.
         """
         record = self._cache.get(key_id) or self._scan(key_id)
@@ -786,10 +811,12 @@ class KeyStore:
         Touches no cache state, so it is safe beside the event loop; the caller
         publishes the result with :meth:`add` once back on the loop.
         Raises :class:`KeyExists` if that version's file already exists. Version 1
-        makes a key: its file is the commit, and its state file (``state``, with this
-        version in it; a fresh one when not given) follows. A crash between the two
-        leaves a key that was never used, which is what version 1 without a state
-        file is taken for (see :meth:`_scan`); a failure removes the file again.
+        makes a key in three writes: its state file with version 1 ``creating``, the
+        version file (the commit), then the state (``state``, a fresh one when not
+        given) with version 1 active. So a key's version files never exist without
+        its state file (a missing one can only be a deletion), and a state whose
+        version 1 is still ``creating`` without its file is a CREATE a crash cut
+        short, not a key (see :meth:`_scan`), which no read writes a state for.
         """
         directory = self.key_directory(key_id)
         make_private_dirs(directory, self.generation / KEYS_DIR)
@@ -800,24 +827,26 @@ class KeyStore:
         material = bytearray(random_bytes(KEY_SIZE))
         opened = KeyVersion(key_id, version, self._clock(), exportable, material)
         opened.usage.created = opened.created  # the caller puts this usage in the state file
+        state = KeyState() if state is None else state
         try:
+            if new_key:
+                pending = replace(opened.usage, state=CREATING)
+                self.write_state(key_id, KeyState({**state.usage, version: pending}))
             write_new_file(path, self.sealer.seal_key_file(opened))
         except BaseException as error:
             opened.wipe()  # fresh material that never made it to disk
             if isinstance(error, FileExistsError):
                 raise KeyExists() from None
+            if new_key:  # no state without its first version: nothing half-made stays
+                with contextlib.suppress(OSError):
+                    (directory / STATE_NAME).unlink()
             raise
         if new_key:
-            state = KeyState() if state is None else state
             state.usage[version] = opened.usage
             try:
                 self.write_state(key_id, state)
-            except BaseException:  # a failed CREATE leaves no key: take the file back
-                opened.wipe()
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                    fsync_directory(directory)
-                raise
+            except OSError as error:  # committed all the same: "creating" with its file
+                log.error("CREATE %s: version 1 stays 'creating' on disk: %s", key_id, error)
         return opened
 
     def write_state(self, key_id: str, state: KeyState) -> None:
@@ -843,6 +872,9 @@ class KeyStore:
         if record is None:
             record = KeyRecord(opened.key_id, [], KeyState())
         self._remember(record)
+        if opened.version in record.opened:  # a request on another connection opened it
+            opened.wipe()  # from its file meanwhile: one copy of the material is enough
+            return record
         if opened.version not in record.files:
             record.files = sorted([*record.files, opened.version])
         record.latest = max(record.latest, opened.version)

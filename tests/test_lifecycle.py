@@ -24,10 +24,13 @@ from typing import Any
 
 import pytest
 
+from kms_server.keys import CREATING, VersionUsage
 from kms_server.store import (
     KEYS_DIR,
     STATE_NAME,
     WRITE_LOCK_NAME,
+    KeyState,
+    KeyStore,
     live_generation,
 )
 from tests.conftest import Daemon, kmsd, make_store
@@ -533,8 +536,11 @@ def test_a_deleted_state_file_is_damage_not_a_fresh_start(daemon: Daemon) -> Non
         ciphertext = enc(conn, b"st/k", b"old row")
         assert ok(conn, b"ROTATE st/k") == b"2"
         assert ok(conn, b"RETIRE st/k 1") == b""
+        assert ok(conn, b"CREATE st/one") == b"1"  # one version, retired: the same
+        assert ok(conn, b"RETIRE st/one 1") == b""
     daemon.stop()
     (key_file(daemon, "st/k", 1).parent / STATE_NAME).unlink()
+    (key_file(daemon, "st/one", 1).parent / STATE_NAME).unlink()
     verified = kmsd("verify", "--store", daemon.store, "--kek-file", daemon.kek_file)
     assert verified.returncode == EXIT_DAMAGED
     assert b"state file missing" in verified.stdout + verified.stderr
@@ -543,22 +549,28 @@ def test_a_deleted_state_file_is_damage_not_a_fresh_start(daemon: Daemon) -> Non
         assert err(conn, dec_line(b"st/k", ciphertext)) == "INTERNAL"
         assert err(conn, b"INFO st/k") == "INTERNAL"
         assert err(conn, b"CREATE st/k") == "INTERNAL"  # damaged, never overwritten
+        assert err(conn, b"ENC st/one " + b64(b"x")) == "INTERNAL"
 
 
-def test_a_create_cut_short_is_no_key_or_a_whole_one(short_tmp: Path) -> None:
-    """CREATE writes the rotation index, then the version file (its commit), then the
-    state (a crash between them is reproduced by removing what the later steps wrote).
-    Before the version file it is no key, and a new CREATE, even without the period,
-    replaces it; after it, the key is whole: its state is written when it is first
-    read, and it rotates by the period it was created with."""
+def test_a_create_cut_short_leaves_nothing_a_new_create_cannot_replace(short_tmp: Path) -> None:
+    """CREATE writes the rotation index, then the state (version 1 "creating"), then the
+    version file (the commit), then the state again. What a crash before the commit
+    leaves (reproduced here: the state sealed as a crash leaves it, the files after it
+    removed) is no key for any verb, verify calls it no damage, and a new CREATE, even
+    without the period, replaces it."""
     daemon = make_store(short_tmp / "d")
     daemon.extra_args = list(FAST_FLUSH)
     with running(daemon):
         with Conn(daemon.socket_path) as conn:
-            assert ok(conn, b"CREATE cs/no-state rotate=1s") == b"1"
+            assert ok(conn, b"CREATE cs/state-only rotate=1s") == b"1"
             assert ok(conn, b"CREATE cs/index-only rotate=1s") == b"1"
         daemon.stop(signal.SIGKILL)
-        (key_file(daemon, "cs/no-state", 1).parent / STATE_NAME).unlink()
+        store = KeyStore(daemon.store, bytes.fromhex(daemon.kek_file.read_text()), clock=now)
+        try:
+            store.write_state("cs/state-only", KeyState({1: VersionUsage(state=CREATING)}))
+        finally:
+            store.close()
+        key_file(daemon, "cs/state-only", 1).unlink()
         index_only = key_file(daemon, "cs/index-only", 1).parent
         for path in index_only.iterdir():
             path.unlink()
@@ -570,18 +582,22 @@ def test_a_create_cut_short_is_no_key_or_a_whole_one(short_tmp: Path) -> None:
         daemon.start()
         assert not stale.exists()  # a temporary of a dead writer
         with Conn(daemon.socket_path) as conn:
+            for line in (b"ENC cs/state-only " + b64(b"x"), b"INFO cs/state-only"):
+                assert err(conn, line) == "NOT_FOUND"
+            assert err(conn, b"RETIRE cs/state-only 1") == "NOT_FOUND"
             assert err(conn, b"ENC cs/index-only " + b64(b"x")) == "NOT_FOUND"
+            assert ok(conn, b"CREATE cs/state-only") == b"1"
             assert ok(conn, b"CREATE cs/index-only") == b"1"
-            assert err(conn, b"CREATE cs/no-state") == "EXISTS"
-            time.sleep(2.5)  # past the period both CREATEs asked for
-            document = info(conn, b"cs/index-only")
-            assert document["latest"] == 1, document  # created again without a period
-            assert document["rotate_period"] is None
-            document = info(conn, b"cs/no-state")
-            assert document["latest"] >= 2, document  # rotated by its period
-            assert document["rotate_period"] == 1
-            assert version_entry(document, 1)["state"] == "active"
-    assert (key_file(daemon, "cs/no-state", 1).parent / STATE_NAME).exists()
+            time.sleep(2.5)  # past the period the cut-short CREATEs asked for
+            for key_id in (b"cs/state-only", b"cs/index-only"):
+                document = info(conn, key_id)
+                assert document["latest"] == 1, document  # no period: never rotated
+                assert document["rotate_period"] is None
+                assert version_entry(document, 1)["state"] == "active"
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def test_the_rotation_index_alone_holds_periods(short_tmp: Path) -> None:

@@ -22,12 +22,12 @@ import pytest
 import trio
 
 from kms_client.errors import KeyExists, KeyNotFound
-from kms_client.protocol import Decrypt, Encrypt, Get, parse_request
+from kms_client.protocol import parse_request
 from kms_server import store as store_module
 from kms_server.acl import Acl
 from kms_server.audit import AuditLog
 from kms_server.crypto import KEY_SIZE, random_bytes
-from kms_server.dispatch import Dispatcher
+from kms_server.dispatch import WRITE_REQUESTS, Dispatcher
 from kms_server.files import replace_file, write_new_file
 from kms_server.kek import (
     ARGON2_MEMORY_KIB,
@@ -38,7 +38,7 @@ from kms_server.kek import (
     obtain_for_store,
     read_small_file,
 )
-from kms_server.keys import KeyVersion, VersionUsage
+from kms_server.keys import CREATING, KeyVersion, VersionUsage
 from kms_server.maintenance import verify
 from kms_server.server import AccessControl, Limits, Server
 from kms_server.store import (
@@ -967,7 +967,7 @@ class FailingWrites:
 
     def ask(self, line: bytes) -> bytes:
         request = parse_request(line)
-        if type(request) in (Encrypt, Decrypt, Get):
+        if type(request) not in WRITE_REQUESTS:
             return self.dispatcher.respond(request)[0]
         return trio.run(self.dispatcher.respond_write, request, trio.to_thread.run_sync)[0]
 
@@ -1125,13 +1125,38 @@ def test_a_create_whose_version_file_fails_is_no_key(
     assert problems(store_dir, kek) == []
 
 
+def test_a_create_cut_short_is_no_key_and_one_committed_is_whole(
+    store_dir: Path, kek: bytes
+) -> None:
+    """What a crash leaves between CREATE's writes, made here by hand: the "creating"
+    state without the version file is no key for any verb, and a new CREATE replaces
+    it; the version file with that state is a whole key, active. Verify calls neither
+    damage, and nothing is written by reading them."""
+    with FailingWrites(store_dir, kek) as writes:
+        for key_id in ("f/before", "f/after"):
+            assert writes.ask(f"CREATE {key_id}".encode()) == b"OK 1\n"
+            writes.store.write_state(key_id, KeyState({1: VersionUsage(state=CREATING)}))
+    (store_dir / LIVE_LINK / KEYS_DIR / "f" / "before" / "_v1.key").unlink()
+    state_file = store_dir / LIVE_LINK / KEYS_DIR / "f" / "after" / STATE_NAME
+    written = state_file.read_bytes()
+    assert problems(store_dir, kek) == []
+    with FailingWrites(store_dir, kek) as writes:
+        for line in (b"GET f/before", b"ENC f/before aGk=", b"INFO f/before", b"RETIRE f/before 1"):
+            assert writes.ask(line).startswith(b"ERR NOT_FOUND"), line
+        assert writes.ask(b"ENC f/after aGk=").startswith(b"OK ")
+        assert writes.ask(b"CREATE f/after").startswith(b"ERR EXISTS")
+        assert state_file.read_bytes() == written
+        assert writes.ask(b"CREATE f/before") == b"OK 1\n"
+        assert writes.ask(b"RETIRE f/after 1") == b"OK\n"
+    assert problems(store_dir, kek) == []
+
+
 def test_a_state_without_its_first_version_is_reported_not_rotated(
     store_dir: Path, kek: bytes
 ) -> None:
-    """A key whose only version file was lost (or what a crash between the two writes of
-    an earlier kmsd's CREATE left, which wrote the state first): a key used only through
-    GET counts no use, so the two look alike. Neither is hidden (GET and ROTATE refuse
-    it, verify reports it); a new CREATE replaces it."""
+    """A key whose only version file was lost is not hidden (GET and ROTATE refuse it,
+    verify reports it; a CREATE cut short is told apart by its "creating" version), and
+    a new CREATE may replace it: it was never used, so nothing is lost."""
     with FailingWrites(store_dir, kek) as writes:
         assert writes.ask(b"CREATE f/lost exportable") == b"OK 1\n"
         assert writes.ask(b"GET f/lost").startswith(b"OK 1 ")
@@ -1139,9 +1164,7 @@ def test_a_state_without_its_first_version_is_reported_not_rotated(
     with FailingWrites(store_dir, kek) as writes:  # a restart finds the state alone
         assert writes.ask(b"GET f/lost").startswith(b"ERR INTERNAL")
         assert writes.ask(b"ROTATE f/lost").startswith(b"ERR INTERNAL")
-    assert problems(store_dir, kek) == [
-        "version 1: file missing (or a CREATE cut short: a new CREATE replaces it)"
-    ]
+    assert problems(store_dir, kek) == ["version 1: file missing (a new CREATE replaces the key)"]
     with FailingWrites(store_dir, kek) as writes:
         assert writes.ask(b"CREATE f/lost exportable") == b"OK 1\n"
     assert problems(store_dir, kek) == []
