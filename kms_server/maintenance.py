@@ -34,9 +34,9 @@ from kms_server.keys import CREATING, DESTROYED
 from kms_server.store import (
     ERASING_NAME,
     KEYS_DIR,
-    LIVE_LINK,
     LOCK_NAME,
     METADATA_NAME,
+    RESTORING_MARK,
     ROTATION_NAME,
     STATE_NAME,
     WRITE_LOCK_NAME,
@@ -211,28 +211,26 @@ def _read_backup(archive_path: Path) -> dict[str, bytes]:
     return files
 
 
-#: In a store directory while ``kmsd restore`` fills it (see :func:`restore`).
-RESTORING_MARK = ".restoring"
-
-
 def restore(archive_path: Path, store_dir: Path) -> StoreMetadata:
     """Unpack a backup into a missing or empty ``store_dir`` as its live generation.
 
-    A mark file says a restore is under way until ``live`` exists: a directory a
-    restore cut short (killed, a full disk) holds that mark and no ``live``, and a
-    new restore empties it and starts over, where any other content is refused.
+    A mark file says a restore is under way until it is whole, ``live`` included: a
+    directory a restore cut short (killed, a full disk) holds that mark, which no
+    daemon opens, and a new restore empties it (the mark last) and starts over,
+    where any other content is refused.
     """
     if store_dir.exists() and not store_dir.is_dir():
         raise StoreError(f"{store_dir} exists and is not a directory")
     if store_dir.exists():
         entries = os.listdir(store_dir)
-        if RESTORING_MARK in entries and LIVE_LINK not in entries:
-            for name in entries:  # a restore cut short: nothing there is a store yet
+        if RESTORING_MARK in entries:  # a restore cut short: nothing there is a store yet
+            for name in sorted(entries, key=lambda name: name == RESTORING_MARK):
                 path = store_dir / name
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:
                     path.unlink()
+            fsync_directory(store_dir)
         elif entries:
             raise StoreError(f"{store_dir} is not empty; restore needs an empty directory")
     try:
@@ -289,7 +287,7 @@ def verify(store_dir: Path, kek: bytes | bytearray) -> list[KeyReport]:
         reports.append(report)
     try:  # DESTROYs a crash cut short: the daemon's next start erases their files
         erasing = set((generation / ERASING_NAME).read_bytes().decode("ascii", "replace").split())
-    except FileNotFoundError:
+    except OSError:
         erasing = set()
     keys_dir = generation / KEYS_DIR
     for key_id in sorted(walk_key_ids(keys_dir)):

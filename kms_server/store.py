@@ -84,6 +84,8 @@ GENERATION_PREFIX = "gen-"
 KEYS_DIR = "keys"
 STATE_NAME = "_state.seal"
 ROTATION_NAME = "rotation.seal"
+#: In a store directory while ``kmsd restore`` fills it (see maintenance.restore).
+RESTORING_MARK = ".restoring"
 #: Lists the keys DESTROYs are erasing, each from before its state says so until its file
 #: is gone: what a crash (or a failing disk) left between the two, the next start
 #: finishes (unsealed: key ids).
@@ -179,7 +181,12 @@ def kek_check_value(kek: bytes | bytearray, store_id: str) -> str:
 
 
 def live_generation(store_dir: Path) -> Path:
-    """The directory of the live generation, as the ``live`` link names it."""
+    """The directory of the live generation, as the ``live`` link names it.
+
+    A store that ``kmsd restore`` has not finished (its mark is still there) is none.
+    """
+    if (store_dir / RESTORING_MARK).exists():
+        raise StoreError(f"a kmsd restore into {store_dir} was cut short: run it again")
     try:
         target = os.readlink(store_dir / LIVE_LINK)
     except FileNotFoundError:
@@ -570,6 +577,9 @@ class KeyStore:
             lines = (self.generation / ERASING_NAME).read_bytes().split()
         except FileNotFoundError:
             return []
+        except OSError as error:  # (a directory, say): never a reason not to start
+            log.error("cannot read %s: %s", ERASING_NAME, error)
+            return []
         erasing = []
         for line in lines:
             try:
@@ -647,11 +657,14 @@ class KeyStore:
             if (usage := state.usage.get(number)) is not None and usage.state == DESTROYED
         ]
         if leftovers:  # a DESTROY cut short after its state was written: finish it
-            for number in leftovers:
-                with contextlib.suppress(FileNotFoundError):
-                    (directory / file_name(number)).unlink()
-                log.info("key %s: erased version %d, destroyed before a crash", key_id, number)
-            fsync_directory(directory)
+            try:
+                for number in leftovers:
+                    with contextlib.suppress(FileNotFoundError):
+                        (directory / file_name(number)).unlink()
+                    log.info("key %s: erased version %d, destroyed before a crash", key_id, number)
+                fsync_directory(directory)
+            except OSError as error:  # a failing disk: the key is served all the same
+                log.error("key %s: cannot erase a destroyed version's file: %s", key_id, error)
             files = [number for number in files if number not in leftovers]
         return KeyRecord(key_id, files, state)
 
@@ -834,10 +847,10 @@ class KeyStore:
                 self.write_state(key_id, KeyState({**state.usage, version: pending}))
             write_new_file(path, self.sealer.seal_key_file(opened))
         except BaseException as error:
-            opened.wipe()  # fresh material that never made it to disk
+            opened.wipe()  # memory's copy: the disk has the material if the commit happened
             if isinstance(error, FileExistsError):
                 raise KeyExists() from None
-            if new_key:  # no state without its first version: nothing half-made stays
+            if new_key and not path.exists():  # no commit: nothing half-made stays
                 with contextlib.suppress(OSError):
                     (directory / STATE_NAME).unlink()
             raise

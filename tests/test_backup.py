@@ -28,9 +28,15 @@ from pathlib import Path
 
 import pytest
 
-from kms_server.maintenance import RESTORING_MARK
-from kms_server.store import KEYS_DIR, LIVE_LINK, METADATA_NAME, ROTATION_NAME, STATE_NAME
-from tests.conftest import Daemon, kmsd, kmsd_all, make_store
+from kms_server.store import (
+    KEYS_DIR,
+    LIVE_LINK,
+    METADATA_NAME,
+    RESTORING_MARK,
+    ROTATION_NAME,
+    STATE_NAME,
+)
+from tests.conftest import Daemon, assert_fails, kmsd, kmsd_all, make_store
 from tests.test_rekey import (
     EXIT_OK,
     EXIT_STORE,
@@ -251,6 +257,12 @@ def test_a_restore_cut_short_can_be_run_again(stopped: Daemon, short_tmp: Path) 
     assert sorted(os.listdir(cut_short)) == ["gen-1", "live"]  # and no mark left
     assert kmsd("verify", "--store", cut_short, "--kek-file", daemon.kek_file).returncode == 0
     assert os.listdir(damaged) == ["gen-1"]
+    # Cut short after `live`, before its mark was removed: no store yet, for any command.
+    (cut_short / RESTORING_MARK).write_bytes(b"")
+    verified = kmsd("verify", "--store", cut_short, "--kek-file", daemon.kek_file)
+    assert_fails(verified, EXIT_STORE)
+    assert kmsd("restore", "--in", archive, "--store", cut_short).returncode == EXIT_OK
+    assert kmsd("verify", "--store", cut_short, "--kek-file", daemon.kek_file).returncode == 0
 
 
 def tar_with(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:

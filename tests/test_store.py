@@ -1104,6 +1104,41 @@ def test_a_destroy_cut_short_before_its_erasure_is_finished_at_the_next_start(
     assert problems(store_dir, kek) == []
 
 
+def test_a_create_that_fails_after_its_commit_is_a_whole_key(
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version file is linked, then a later step of its write fails (the directory
+    fsync): the key exists, so its state stays and it serves; a retry says EXISTS."""
+    with FailingWrites(store_dir, kek) as writes:
+        fail_once(monkeypatch, store_module, "write_new_file", after=True)
+        assert writes.ask(b"CREATE f/late exportable").startswith(b"ERR INTERNAL")
+        assert writes.ask(b"GET f/late").startswith(b"OK 1 ")
+        assert writes.ask(b"CREATE f/late").startswith(b"ERR EXISTS")
+    assert problems(store_dir, kek) == []
+
+
+def test_a_destroyed_file_that_cannot_be_erased_does_not_stop_the_key(
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a key erases what a DESTROY cut short left; a disk that refuses that too
+    is logged, and the key's other versions serve on."""
+    with FailingWrites(store_dir, kek) as writes:
+        assert writes.ask(b"CREATE f/u") == b"OK 1\n"
+        assert writes.ask(b"ROTATE f/u") == b"OK 2\n"
+        fail_once(monkeypatch, KeyStore, "remove_version_file", after=False)
+        assert writes.ask(b"DESTROY f/u 1").startswith(b"ERR INTERNAL")
+        real_unlink = Path.unlink
+
+        def failing_unlink(path: Path, missing_ok: bool = False) -> None:
+            if path.name == "_v1.key":
+                raise OSError(errno.EIO, "Input/output error")
+            real_unlink(path, missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", failing_unlink)
+        assert writes.ask(b"ENC f/u aGk=").startswith(b"OK ")
+        assert writes.ask(b"INFO f/u").startswith(b"OK ")
+
+
 def test_a_create_whose_version_file_fails_is_no_key(
     store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
