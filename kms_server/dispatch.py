@@ -335,15 +335,15 @@ class Dispatcher:
         if current == DESTROYED:
             if not isinstance(request, Destroy):
                 raise Retired("key version was destroyed")
-            if number in record.files:  # a DESTROY cut short between its two steps
 
-                def finish() -> None:
-                    with store.write_lock():
-                        store.remove_version_file(key_id, number)
+            def finish() -> None:  # a DESTROY cut short after its state: its file, its list
+                with store.write_lock():
+                    store.remove_version_file(key_id, number)
+                    store.end_erase(key_id)
 
-                await run_blocking(finish)
-                record = store.record(key_id)  # the cached one now (see below)
-                record.files = [v for v in record.files if v != number]
+            await run_blocking(finish)  # OK only once the file is gone for sure
+            record = store.record(key_id)  # the cached one now (see below)
+            record.files = [v for v in record.files if v != number]
             return format_ok(), number
         if isinstance(request, Destroy) and number == record.latest:
             raise BadRequest("the latest version cannot be destroyed; rotate first")

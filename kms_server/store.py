@@ -558,12 +558,19 @@ class KeyStore:
         erasing = self._erasing()
         for key_id in list(erasing):
             try:
-                self._scan(key_id)
+                record = self._scan(key_id)
             except KmsError as error:  # damaged: verify and the next use report it
                 log.error("cannot finish a DESTROY of %s: %s", key_id, error)
             except OSError as error:  # short of descriptors, a failing disk: next start
                 log.error("cannot finish a DESTROY of %s yet: %s", key_id, error)
                 continue
+            else:
+                if record is not None and any(
+                    (usage := record.state.usage.get(number)) is not None
+                    and usage.state == DESTROYED
+                    for number in record.files
+                ):
+                    continue  # a file it could not erase: the next start tries again
             erasing.remove(key_id)
         try:
             self._write_erasing(erasing)
@@ -657,15 +664,19 @@ class KeyStore:
             if (usage := state.usage.get(number)) is not None and usage.state == DESTROYED
         ]
         if leftovers:  # a DESTROY cut short after its state was written: finish it
-            try:
-                for number in leftovers:
+            for number in leftovers:
+                try:
                     with contextlib.suppress(FileNotFoundError):
                         (directory / file_name(number)).unlink()
-                    log.info("key %s: erased version %d, destroyed before a crash", key_id, number)
+                except OSError as error:  # a failing disk: kept in ``files``, so a DESTROY
+                    log.error(  # retried tries again; the key serves all the same
+                        "key %s: cannot erase destroyed version %d: %s", key_id, number, error
+                    )
+                    continue
+                files.remove(number)
+                log.info("key %s: erased version %d, destroyed before a crash", key_id, number)
+            with contextlib.suppress(OSError):  # the next read or start erases it again
                 fsync_directory(directory)
-            except OSError as error:  # a failing disk: the key is served all the same
-                log.error("key %s: cannot erase a destroyed version's file: %s", key_id, error)
-            files = [number for number in files if number not in leftovers]
         return KeyRecord(key_id, files, state)
 
     def ready_for_create(self, key_id: str) -> bool:
@@ -749,18 +760,19 @@ class KeyStore:
             evicted.wipe()
 
     def version(self, key_id: str, version: int | None = None) -> KeyVersion:
-        """An opened key version (the latest when ``version`` is None), whatever its state."""
+        """An opened key version (the latest when ``version`` is None), retired or not;
+        a destroyed one is ``RETIRED``."""
         record = self.record(key_id)
         number = record.latest if version is None else version
         opened = record.opened.get(number)
         if opened is not None:
             return opened
+        usage = record.state.usage.get(number)  # never create an entry for a probe
+        if usage is not None and usage.state == DESTROYED:  # (its file, if a failing disk
+            raise Retired("key version was destroyed")  # kept it, is never opened)
         if number not in record.files:
-            usage = record.state.usage.get(number)  # never create an entry for a probe
             if usage is None:
                 raise KeyNotFound()
-            if usage.state == DESTROYED:
-                raise Retired("key version was destroyed")
             log.error(
                 "key %s version %d: its file is missing: refusing to serve it", key_id, number
             )

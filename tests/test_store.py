@@ -1117,26 +1117,62 @@ def test_a_create_that_fails_after_its_commit_is_a_whole_key(
     assert problems(store_dir, kek) == []
 
 
-def test_a_destroyed_file_that_cannot_be_erased_does_not_stop_the_key(
+def test_a_destroyed_file_that_cannot_be_erased_is_tried_again(
     store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Reading a key erases what a DESTROY cut short left; a disk that refuses that too
-    is logged, and the key's other versions serve on."""
+    """A disk that refuses to erase a destroyed version's file: the key's other versions
+    serve on; a repeated DESTROY tries again and says INTERNAL until the file is gone,
+    never OK before; a start that cannot erase it keeps the key on the erasing list, and
+    the next one erases it."""
+    real_unlink = Path.unlink
+
+    def failing_unlink(path: Path, missing_ok: bool = False) -> None:
+        if path.name == "_v1.key" and path.parent.name == "u":
+            raise OSError(errno.EIO, "Input/output error")
+        real_unlink(path, missing_ok)
+
+    version_file = store_dir / LIVE_LINK / KEYS_DIR / "f" / "u" / "_v1.key"
     with FailingWrites(store_dir, kek) as writes:
         assert writes.ask(b"CREATE f/u") == b"OK 1\n"
         assert writes.ask(b"ROTATE f/u") == b"OK 2\n"
-        fail_once(monkeypatch, KeyStore, "remove_version_file", after=False)
-        assert writes.ask(b"DESTROY f/u 1").startswith(b"ERR INTERNAL")
-        real_unlink = Path.unlink
-
-        def failing_unlink(path: Path, missing_ok: bool = False) -> None:
-            if path.name == "_v1.key":
-                raise OSError(errno.EIO, "Input/output error")
-            real_unlink(path, missing_ok)
-
         monkeypatch.setattr(Path, "unlink", failing_unlink)
+        assert writes.ask(b"DESTROY f/u 1").startswith(b"ERR INTERNAL")
         assert writes.ask(b"ENC f/u aGk=").startswith(b"OK ")
         assert writes.ask(b"INFO f/u").startswith(b"OK ")
+        assert writes.ask(b"GET f/u 1").startswith(b"ERR RETIRED")
+        assert writes.ask(b"DESTROY f/u 1").startswith(b"ERR INTERNAL")  # not OK: still there
+        assert writes.ask(b"CREATE f/v") == b"OK 1\n"
+        assert writes.ask(b"ROTATE f/v") == b"OK 2\n"
+        assert writes.ask(b"DESTROY f/v 1") == b"OK\n"  # f/u stays on the erasing list
+        monkeypatch.undo()
+        assert writes.ask(b"DESTROY f/w 1").startswith(b"ERR NOT_FOUND")
+    assert version_file.exists()
+    monkeypatch.setattr(Path, "unlink", failing_unlink)
+    KeyStore(store_dir, kek, clock=clock).close()  # a start that cannot erase it either
+    monkeypatch.undo()
+    assert version_file.exists()
+    assert (store_dir / LIVE_LINK / ERASING_NAME).read_bytes() == b"f/u\n"
+    assert problems(store_dir, kek) == []
+    KeyStore(store_dir, kek, clock=clock).close()
+    assert not version_file.exists()
+    assert not (store_dir / LIVE_LINK / ERASING_NAME).exists()
+    with FailingWrites(store_dir, kek) as writes:
+        assert writes.ask(b"DESTROY f/u 1") == b"OK\n"
+    assert problems(store_dir, kek) == []
+
+
+def test_a_destroy_retried_once_the_disk_works_erases_the_file(
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FailingWrites(store_dir, kek) as writes:
+        assert writes.ask(b"CREATE f/r") == b"OK 1\n"
+        assert writes.ask(b"ROTATE f/r") == b"OK 2\n"
+        fail_once(monkeypatch, KeyStore, "remove_version_file", after=False)
+        assert writes.ask(b"DESTROY f/r 1").startswith(b"ERR INTERNAL")
+        assert writes.ask(b"DESTROY f/r 1") == b"OK\n"
+        assert not (store_dir / LIVE_LINK / KEYS_DIR / "f" / "r" / "_v1.key").exists()
+        assert not (store_dir / LIVE_LINK / ERASING_NAME).exists()
+    assert problems(store_dir, kek) == []
 
 
 def test_a_create_whose_version_file_fails_is_no_key(
