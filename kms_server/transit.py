@@ -54,8 +54,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -182,11 +184,22 @@ def _check_name(what: str, value: str | None) -> str | None:
 
 
 def _read_secret(path: Path, what: str) -> str:
-    """The first line of a small secret file; errors name the file, never its content."""
+    """The first line of a small secret file; errors name the file, never its content.
+
+    One that every user may write is refused, as a KEK file is: its credentials may
+    be anyone's.
+    """
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            data = file.read()
     except OSError as exc:
         raise KekError(f"cannot read the Transit {what} file {path}: {exc.strerror}") from None
+    if stat.S_ISREG(mode) and mode & stat.S_IWOTH:
+        raise KekError(
+            f"the Transit {what} file {path} is writable by every user "
+            f"(mode {stat.S_IMODE(mode):04o}): make it 0600"
+        )
     try:
         text = data.decode().strip()
     except UnicodeDecodeError:

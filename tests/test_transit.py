@@ -182,6 +182,15 @@ UNREACHED_DESCRIPTION = {
 }
 
 
+def test_a_token_file_every_user_may_write_is_refused(token_file: Path) -> None:
+    """Anyone could have put their own token there: refused before any call, as a KEK
+    file every user may write is."""
+    token_file.chmod(0o666)
+    transit = TransitSource(["http://127.0.0.1:1"], token_file=token_file, start_timeout=0)
+    with pytest.raises(KekError, match="writable by every user"):
+        transit.obtain(UNREACHED_DESCRIPTION, "store")
+
+
 @pytest.mark.parametrize(
     "damage",
     [
