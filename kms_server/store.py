@@ -10,7 +10,9 @@ Layout under the store directory (every directory 0700, every file 0600)::
     live -> gen-3                  the live generation (a symlink, switched atomically)
     gen-3/kms-store.json           metadata: format, store id, generation, KEK source
                                    and KDF, KEK check value
+    .restoring                     only while ``kmsd restore`` fills the directory
     gen-3/rotation.seal            sealed: keys with an automatic rotation period
+    gen-3/erasing                  only while DESTROYs erase files: their key ids
     gen-3/keys/<key-id>/_v<N>.key  one sealed file per key version
     gen-3/keys/<key-id>/_state.seal  sealed: per-version state, counters, creation time
 
