@@ -50,7 +50,7 @@ import shutil
 import stat
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -557,7 +557,7 @@ class KeyStore:
         and the erasure of their files (see :meth:`begin_erase`): reading a key erases
         every file its state calls destroyed; one cut short before its state was
         written erases nothing. The list is kept until every key on it was read."""
-        erasing = self._erasing()
+        erasing = self._erasing(forgiving=True)
         for key_id in list(erasing):
             try:
                 record = self._scan(key_id)
@@ -579,14 +579,17 @@ class KeyStore:
         except OSError as error:  # the keys on it were read: the next start reads them again
             log.error("cannot update %s: %s", ERASING_NAME, error)
 
-    def _erasing(self) -> list[str]:
+    def _erasing(self, *, forgiving: bool = False) -> list[str]:
         """The key ids of the ``erasing`` list (unsealed: each checked as a key id, so
-        none can name a path outside the store)."""
+        none can name a path outside the store). A list that cannot be read is an
+        error for a DESTROY (it would drop the keys on it), not for a start."""
         try:
             lines = (self.generation / ERASING_NAME).read_bytes().split()
         except FileNotFoundError:
             return []
-        except OSError as error:  # (a directory, say): never a reason not to start
+        except OSError as error:
+            if not forgiving:
+                raise
             log.error("cannot read %s: %s", ERASING_NAME, error)
             return []
         erasing = []
@@ -612,8 +615,12 @@ class KeyStore:
         if key_id not in erasing:
             self._write_erasing([*erasing, key_id])
 
-    def end_erase(self, key_id: str) -> None:
-        """After the destroyed version's file is gone (worker thread, under the write lock)."""
+    def end_erase(self, key_id: str, destroyed: Collection[int]) -> None:
+        """After a destroyed version's file is gone: off the list, unless a file of another
+        of the key's ``destroyed`` versions is still there (worker thread, write lock)."""
+        files = key_file_versions(self.key_directory(key_id))
+        if any(number in destroyed for number in files):
+            return
         self._write_erasing([named for named in self._erasing() if named != key_id])
 
     def write_lock(self) -> contextlib.AbstractContextManager[int]:
@@ -899,13 +906,13 @@ class KeyStore:
         if record is None:
             record = KeyRecord(opened.key_id, [], KeyState())
         self._remember(record)
-        if opened.version in record.opened:  # a request on another connection opened it
-            opened.wipe()  # from its file meanwhile: one copy of the material is enough
-            return record
         if opened.version not in record.files:
             record.files = sorted([*record.files, opened.version])
         record.latest = max(record.latest, opened.version)
         self._latest_created.pop(opened.key_id, None)
+        if opened.version in record.opened:  # a request on another connection opened it
+            opened.wipe()  # from its file meanwhile: one copy of the material is enough
+            return record
         # Both carry the creation time: write_version set it, the state file just written has it.
         opened.usage = record.state.usage.setdefault(opened.version, opened.usage)
         record.opened[opened.version] = opened

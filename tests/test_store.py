@@ -1161,6 +1161,33 @@ def test_a_destroyed_file_that_cannot_be_erased_is_tried_again(
     assert problems(store_dir, kek) == []
 
 
+def test_a_key_stays_on_the_erasing_list_while_any_destroyed_file_is_left(
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 1's file cannot be erased; version 2's DESTROY then works: the key stays
+    listed, so the next start erases version 1's file."""
+    real_unlink = Path.unlink
+
+    def failing_unlink(path: Path, missing_ok: bool = False) -> None:
+        if path.name == "_v1.key":
+            raise OSError(errno.EIO, "Input/output error")
+        real_unlink(path, missing_ok)
+
+    with FailingWrites(store_dir, kek) as writes:
+        assert writes.ask(b"CREATE f/m") == b"OK 1\n"
+        assert writes.ask(b"ROTATE f/m") == b"OK 2\n"
+        assert writes.ask(b"ROTATE f/m") == b"OK 3\n"
+        monkeypatch.setattr(Path, "unlink", failing_unlink)
+        assert writes.ask(b"DESTROY f/m 1").startswith(b"ERR INTERNAL")
+        assert writes.ask(b"DESTROY f/m 2") == b"OK\n"
+        monkeypatch.undo()
+    assert (store_dir / LIVE_LINK / ERASING_NAME).read_bytes() == b"f/m\n"
+    KeyStore(store_dir, kek, clock=clock).close()
+    assert not (store_dir / LIVE_LINK / KEYS_DIR / "f" / "m" / "_v1.key").exists()
+    assert not (store_dir / LIVE_LINK / ERASING_NAME).exists()
+    assert problems(store_dir, kek) == []
+
+
 def test_a_destroy_retried_once_the_disk_works_erases_the_file(
     store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
