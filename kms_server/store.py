@@ -502,6 +502,10 @@ class KeyStore:
         cache_keys: int = DEFAULT_CACHE_KEYS,
     ) -> None:
         self.directory = store_dir
+        #: Version files linked but not yet durable (their directory's fsync is on its
+        #: way, in a worker thread): reads do not see them, so no request uses a version
+        #: a power cut could still take back.
+        self._unsettled: set[tuple[str, int]] = set()
         check_private(store_dir)
         live_generation(store_dir)  # a clear error for a directory that is not a store
         self._lock = locked(store_dir / LOCK_NAME, blocking=False)
@@ -649,7 +653,10 @@ class KeyStore:
             return None
         remove_stale_temporaries(directory, names)
         files = sorted(
-            int(match.group(1)) for name in names if (match := _KEY_FILE_RE.fullmatch(name))
+            number
+            for name in names
+            if (match := _KEY_FILE_RE.fullmatch(name))
+            and (key_id, number := int(match.group(1))) not in self._unsettled
         )
         if not files and STATE_NAME not in names:
             return None
@@ -866,7 +873,11 @@ class KeyStore:
             if new_key:
                 pending = replace(opened.usage, state=CREATING)
                 self.write_state(key_id, KeyState({**state.usage, version: pending}))
-            write_new_file(path, self.sealer.seal_key_file(opened))
+            self._unsettled.add((key_id, version))
+            try:
+                write_new_file(path, self.sealer.seal_key_file(opened))
+            finally:
+                self._unsettled.discard((key_id, version))
         except BaseException as error:
             opened.wipe()  # memory's copy: the disk has the material if the commit happened
             if isinstance(error, FileExistsError):

@@ -23,6 +23,7 @@ import trio
 
 from kms_client.errors import KeyExists, KeyNotFound
 from kms_client.protocol import parse_request
+from kms_server import files as files_module
 from kms_server import store as store_module
 from kms_server.acl import Acl
 from kms_server.audit import AuditLog
@@ -1200,6 +1201,40 @@ def test_a_destroy_retried_once_the_disk_works_erases_the_file(
         assert not (store_dir / LIVE_LINK / KEYS_DIR / "f" / "r" / "_v1.key").exists()
         assert not (store_dir / LIVE_LINK / ERASING_NAME).exists()
     assert problems(store_dir, kek) == []
+
+
+def test_a_version_file_not_yet_durable_is_not_read(
+    store_dir: Path, kek: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the link of a new version file and the fsync of its directory, a request
+    on another connection must not use it: a power cut could still take it back."""
+    seen: dict[str, list[int] | None] = {}
+    real_fsync_directory = files_module.fsync_directory
+
+    def fsync_directory(path: Path) -> None:
+        if path.name == "rot" and "f/rot" not in seen and any(path.glob("_v2.key")):
+            record = writes.store._scan("f/rot")  # what a read sees, at the first fsync
+            seen["f/rot"] = None if record is None else record.files  # after the new file
+        real_fsync_directory(path)
+
+    with FailingWrites(store_dir, kek) as writes:
+        assert writes.ask(b"CREATE f/rot") == b"OK 1\n"
+        monkeypatch.setattr(files_module, "fsync_directory", fsync_directory)
+        assert writes.ask(b"ROTATE f/rot") == b"OK 2\n"
+        monkeypatch.undo()
+    assert seen == {"f/rot": [1]}  # version 2 not yet there for a read
+    seen.clear()
+
+    def fsync_new(path: Path) -> None:
+        if path.name == "new" and "f/new" not in seen and any(path.glob("_v1.key")):
+            record = writes.store._scan("f/new")
+            seen["f/new"] = None if record is None else record.files
+        real_fsync_directory(path)
+
+    with FailingWrites(store_dir, kek) as writes:
+        monkeypatch.setattr(files_module, "fsync_directory", fsync_new)
+        assert writes.ask(b"CREATE f/new") == b"OK 1\n"
+    assert seen == {"f/new": None}  # no key yet for a read
 
 
 def test_a_create_whose_version_file_fails_is_no_key(
