@@ -336,12 +336,12 @@ class Dispatcher:
             if not isinstance(request, Destroy):
                 raise Retired("key version was destroyed")
 
-            destroyed = destroyed_versions(record.state)
+            state = KeyState(dict(record.state.usage))  # a copy for the worker thread
 
             def finish() -> None:  # a DESTROY cut short after its state: its file, its list
                 with store.write_lock():
                     store.remove_version_file(key_id, number)
-                    store.end_erase(key_id, destroyed)
+                    store.end_erase(key_id, state)
 
             await run_blocking(finish)  # OK only once the file is gone for sure
             record = store.record(key_id)  # the cached one now (see below)
@@ -360,7 +360,7 @@ class Dispatcher:
                 store.write_state(key_id, state)  # durable first: a crash leaves it destroyed
                 if target == DESTROYED:
                     store.remove_version_file(key_id, number)
-                    store.end_erase(key_id, destroyed_versions(state))
+                    store.end_erase(key_id, state)
 
         await run_blocking(write)
         # Meanwhile other connections may have evicted the key and read it back: change
@@ -402,7 +402,3 @@ def _write_name(request: Request[Any]) -> str:
     """How the log names a write: ``ROTATE pg/wal``, ``REKEY``."""
     key_id: str | None = getattr(request, "key_id", None)
     return request.verb if key_id is None else f"{request.verb} {key_id}"
-
-
-def destroyed_versions(state: KeyState) -> set[int]:
-    return {number for number, usage in state.usage.items() if usage.state == DESTROYED}

@@ -30,9 +30,8 @@ from kms_server.crypto import constant_time_equal, wipe
 from kms_server.dispatch import Rekeyer, ThreadRunner
 from kms_server.files import fsync_directory, make_private_dirs, temporary_path, write_fsynced
 from kms_server.kek import KekError, KekFile, KekSource, PassphraseCommand, exposure_of
-from kms_server.keys import CREATING, DESTROYED
+from kms_server.keys import CREATING
 from kms_server.store import (
-    ERASING_NAME,
     KEYS_DIR,
     LOCK_NAME,
     METADATA_NAME,
@@ -52,6 +51,7 @@ from kms_server.store import (
     key_file_versions,
     live_generation,
     locked,
+    read_erasing,
     read_metadata,
     remove_other_generations,
     switch_live,
@@ -103,7 +103,7 @@ def build_generation(
                 b"state", key_id, state_path.read_bytes(), state_path
             )
             state = KeyState.from_document(document)
-            destroyed = {n for n, usage in state.usage.items() if usage.state == DESTROYED}
+            destroyed = state.destroyed()
             write_fsynced(target / STATE_NAME, new_sealer.seal_document(b"state", key_id, document))
         for number in key_file_versions(source):
             if number in destroyed:  # the remains of a DESTROY cut short: never carried on
@@ -286,7 +286,7 @@ def verify(store_dir: Path, kek: bytes | bytearray) -> list[KeyReport]:
             report.problems.append(f"{ROTATION_NAME} does not open (edited or corrupted)")
         reports.append(report)
     try:  # DESTROYs a crash cut short: the daemon's next start erases their files
-        erasing = set((generation / ERASING_NAME).read_bytes().decode("ascii", "replace").split())
+        erasing = set(read_erasing(generation))
     except OSError:
         erasing = set()
     keys_dir = generation / KEYS_DIR
@@ -329,8 +329,9 @@ def _verify_key(sealer: Sealer, key_id: str, directory: Path, *, erasing: bool) 
             )
     known = set(files) | set(state.usage)
     latest = max(known, default=0)
+    all_destroyed = state.destroyed()
     for number in range(1, latest + 1):
-        destroyed = state.usage.get(number) is not None and state.usage[number].state == DESTROYED
+        destroyed = number in all_destroyed
         if number not in files and not destroyed:
             report.problems.append(
                 f"version {number}: file missing"

@@ -50,7 +50,7 @@ import shutil
 import stat
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -417,6 +417,10 @@ class KeyState:
 
     usage: dict[int, VersionUsage] = field(default_factory=dict)
 
+    def destroyed(self) -> set[int]:
+        """The versions DESTROY erased (or is erasing: their files may still be there)."""
+        return {number for number, usage in self.usage.items() if usage.state == DESTROYED}
+
     def to_document(self) -> dict[str, Any]:
         return {
             "versions": {
@@ -571,11 +575,7 @@ class KeyStore:
                 log.error("cannot finish a DESTROY of %s yet: %s", key_id, error)
                 continue
             else:
-                if record is not None and any(
-                    (usage := record.state.usage.get(number)) is not None
-                    and usage.state == DESTROYED
-                    for number in record.files
-                ):
+                if record is not None and record.state.destroyed() & set(record.files):
                     continue  # a file it could not erase: the next start tries again
             erasing.remove(key_id)
         try:
@@ -584,25 +584,15 @@ class KeyStore:
             log.error("cannot update %s: %s", ERASING_NAME, error)
 
     def _erasing(self, *, forgiving: bool = False) -> list[str]:
-        """The key ids of the ``erasing`` list (unsealed: each checked as a key id, so
-        none can name a path outside the store). A list that cannot be read is an
-        error for a DESTROY (it would drop the keys on it), not for a start."""
+        """The key ids of the ``erasing`` list. One that cannot be read is an error for a
+        DESTROY (rewriting it would drop the keys on it), not for a start."""
         try:
-            lines = (self.generation / ERASING_NAME).read_bytes().split()
-        except FileNotFoundError:
-            return []
+            return read_erasing(self.generation)
         except OSError as error:
             if not forgiving:
                 raise
             log.error("cannot read %s: %s", ERASING_NAME, error)
             return []
-        erasing = []
-        for line in lines:
-            try:
-                erasing.append(validate_key_id(line))
-            except KmsError:
-                log.error("ignored %r in %s: not a key id", line[:40], ERASING_NAME)
-        return erasing
 
     def _write_erasing(self, erasing: list[str]) -> None:
         path = self.generation / ERASING_NAME
@@ -619,11 +609,10 @@ class KeyStore:
         if key_id not in erasing:
             self._write_erasing([*erasing, key_id])
 
-    def end_erase(self, key_id: str, destroyed: Collection[int]) -> None:
+    def end_erase(self, key_id: str, state: KeyState) -> None:
         """After a destroyed version's file is gone: off the list, unless a file of another
-        of the key's ``destroyed`` versions is still there (worker thread, write lock)."""
-        files = key_file_versions(self.key_directory(key_id))
-        if any(number in destroyed for number in files):
+        of the versions ``state`` calls destroyed is still there (worker thread, write lock)."""
+        if state.destroyed() & set(key_file_versions(self.key_directory(key_id))):
             return
         self._write_erasing([named for named in self._erasing() if named != key_id])
 
@@ -674,11 +663,7 @@ class KeyStore:
             if 1 not in files:
                 return None  # a CREATE a crash cut short before its commit: no key
             first.state = ACTIVE  # committed; its next state write says so
-        leftovers = [
-            number
-            for number in files
-            if (usage := state.usage.get(number)) is not None and usage.state == DESTROYED
-        ]
+        leftovers = sorted(state.destroyed() & set(files))
         if leftovers:  # a DESTROY cut short after its state was written: finish it
             for number in leftovers:
                 try:
@@ -946,6 +931,24 @@ class KeyStore:
         self.generation = generation
         self.metadata = metadata
         self.sealer = sealer
+
+
+def read_erasing(generation: Path) -> list[str]:
+    """The key ids of a generation's ``erasing`` list; OSError if it cannot be read.
+
+    Unsealed, so each line is checked as a key id: none can name a path outside the store.
+    """
+    try:
+        lines = (generation / ERASING_NAME).read_bytes().split()
+    except FileNotFoundError:
+        return []
+    erasing = []
+    for line in lines:
+        try:
+            erasing.append(validate_key_id(line))
+        except KmsError:
+            log.error("ignored %r in %s: not a key id", line[:40], ERASING_NAME)
+    return erasing
 
 
 def walk_key_ids(keys_dir: Path) -> Iterator[str]:

@@ -189,14 +189,19 @@ def test_backup_while_serving_restore_and_serve_again(stopped: Daemon, short_tmp
     assert (restored.store / LIVE_LINK / ROTATION_NAME).is_file()  # and the rotation index
 
 
+def backed_up(daemon: Daemon, archive: Path) -> Path:
+    """A backup of ``daemon``'s store, holding two keys of two versions."""
+    with running(daemon):
+        populate(daemon.socket_path, 2, 2)
+    assert kmsd("backup", "--store", daemon.store, "--out", archive).returncode == EXIT_OK
+    return archive
+
+
 def test_restore_refuses_a_non_empty_directory_and_bad_archives(
     stopped: Daemon, short_tmp: Path
 ) -> None:
     daemon = stopped
-    archive = short_tmp / "kms.backup"
-    with running(daemon):
-        populate(daemon.socket_path, 2, 2)
-    assert kmsd("backup", "--store", daemon.store, "--out", archive).returncode == EXIT_OK
+    archive = backed_up(daemon, short_tmp / "kms.backup")
 
     occupied = short_tmp / "occupied"
     occupied.mkdir(mode=0o700)
@@ -239,10 +244,7 @@ def test_a_restore_cut_short_can_be_run_again(stopped: Daemon, short_tmp: Path) 
     generation, no `live`) is emptied and done again; a store without `live` and
     without the mark is someone's damaged store, and is left alone."""
     daemon = stopped
-    archive = short_tmp / "kms.backup"
-    with running(daemon):
-        populate(daemon.socket_path, 2, 2)
-    assert kmsd("backup", "--store", daemon.store, "--out", archive).returncode == EXIT_OK
+    archive = backed_up(daemon, short_tmp / "kms.backup")
     cut_short = short_tmp / "cut-short"
     (cut_short / "gen-1" / "keys").mkdir(mode=0o700, parents=True)
     (cut_short / "gen-1" / METADATA_NAME).write_bytes(b"half of it")

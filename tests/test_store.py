@@ -1208,33 +1208,29 @@ def test_a_version_file_not_yet_durable_is_not_read(
 ) -> None:
     """Between the link of a new version file and the fsync of its directory, a request
     on another connection must not use it: a power cut could still take it back."""
-    seen: dict[str, list[int] | None] = {}
     real_fsync_directory = files_module.fsync_directory
 
-    def fsync_directory(path: Path) -> None:
-        if path.name == "rot" and "f/rot" not in seen and any(path.glob("_v2.key")):
-            record = writes.store._scan("f/rot")  # what a read sees, at the first fsync
-            seen["f/rot"] = None if record is None else record.files  # after the new file
-        real_fsync_directory(path)
+    def read_at_its_fsync(writes: FailingWrites, key_id: str, version: int) -> list[object]:
+        """What a read of ``key_id`` sees at the first fsync after that version's link."""
+        seen: list[object] = []
+
+        def fsync_directory(path: Path) -> None:
+            if not seen and path.joinpath(f"_v{version}.key").exists():
+                record = writes.store._scan(key_id)
+                seen.append(None if record is None else record.files)
+            real_fsync_directory(path)
+
+        monkeypatch.setattr(files_module, "fsync_directory", fsync_directory)
+        return seen
 
     with FailingWrites(store_dir, kek) as writes:
         assert writes.ask(b"CREATE f/rot") == b"OK 1\n"
-        monkeypatch.setattr(files_module, "fsync_directory", fsync_directory)
+        seen = read_at_its_fsync(writes, "f/rot", 2)
         assert writes.ask(b"ROTATE f/rot") == b"OK 2\n"
-        monkeypatch.undo()
-    assert seen == {"f/rot": [1]}  # version 2 not yet there for a read
-    seen.clear()
-
-    def fsync_new(path: Path) -> None:
-        if path.name == "new" and "f/new" not in seen and any(path.glob("_v1.key")):
-            record = writes.store._scan("f/new")
-            seen["f/new"] = None if record is None else record.files
-        real_fsync_directory(path)
-
-    with FailingWrites(store_dir, kek) as writes:
-        monkeypatch.setattr(files_module, "fsync_directory", fsync_new)
+        assert seen == [[1]]  # version 2 not yet there for a read
+        seen = read_at_its_fsync(writes, "f/new", 1)
         assert writes.ask(b"CREATE f/new") == b"OK 1\n"
-    assert seen == {"f/new": None}  # no key yet for a read
+        assert seen == [None]  # no key yet for a read
 
 
 def test_a_create_whose_version_file_fails_is_no_key(
