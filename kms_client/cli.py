@@ -50,7 +50,8 @@ so reordered, dropped, duplicated or spliced records fail to decrypt; a stream
 cut at a record boundary, or with data after its final record, is reported as
 damaged (exit 5). ``kms decrypt`` writes plaintext as each record opens: when it
 fails, discard what it wrote. Input that does not start with ``KMSS`` 0x01 is
-taken as one raw ENC ciphertext and decrypted with the user AAD as given.
+taken as one ENC ciphertext (raw, or its base64 line) and decrypted with the user
+AAD as given.
 
 Rewrap input and output (``kms rewrap``)
 ----------------------------------------
@@ -147,6 +148,11 @@ _LENGTH_SIZE = 4
 PIPELINE_DEPTH = 4
 #: Largest raw ciphertext whose DEC line (base64, 4/3 larger) fits the daemon's line limit.
 MAX_RAW_CIPHERTEXT = (DEFAULT_MAX_LINE - 1024) // 4 * 3
+#: Longest input taken for a single ciphertext: its base64 text and a CRLF.
+MAX_SINGLE_INPUT = MAX_RAW_CIPHERTEXT // 3 * 4 + 2
+#: The standard base64 alphabet: text of only these is a ciphertext's base64, never its raw
+#: bytes (a raw ciphertext starts with its format byte, 0x01).
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 #: Longest input line of ``kms rewrap`` (base64 of the largest ciphertext, CRLF, white space).
 MAX_REWRAP_LINE = DEFAULT_MAX_LINE
 
@@ -286,7 +292,7 @@ def encrypt_stream(
 def decrypt_input(
     client: Client, key_id: str, source: IO[bytes], sink: IO[bytes], user_aad: bytes = b""
 ) -> None:
-    """Decrypt an encrypted stream, or one raw ENC ciphertext, from ``source`` to ``sink``."""
+    """Decrypt an encrypted stream, or one ENC ciphertext, from ``source`` to ``sink``."""
     magic = read_exactly(source, len(STREAM_MAGIC))
     if magic != STREAM_MAGIC:
         _decrypt_raw(client, key_id, magic, source, sink, user_aad)
@@ -343,12 +349,27 @@ def _decrypt_raw(
     sink: IO[bytes],
     user_aad: bytes,
 ) -> None:
-    ciphertext = head + read_exactly(source, MAX_RAW_CIPHERTEXT + 1 - len(head))
-    if not ciphertext:
+    data = head + read_exactly(source, MAX_SINGLE_INPUT + 1 - len(head))
+    if not data:
         raise LocalError("nothing to decrypt: standard input is empty")
-    if len(ciphertext) > MAX_RAW_CIPHERTEXT:  # too long for one: as if the daemon said so
+    write_out(sink, client.decrypt(key_id, single_ciphertext(data), user_aad))
+
+
+def single_ciphertext(data: bytes) -> bytes:
+    """The one ciphertext ``data`` holds: raw bytes, or the base64 line ``ENC`` and
+    ``kms datakey`` print (so a wrapped data key unwraps without ``base64 -d``).
+
+    Input that cannot be one is :class:`BadCiphertext`, as if the daemon said so.
+    """
+    text = data.removesuffix(b"\n").removesuffix(b"\r")
+    if text and not text.translate(None, _BASE64_ALPHABET):
+        try:
+            return b64decode_strict(text)
+        except KmsError:
+            raise BadCiphertext("input is base64 text but not a ciphertext") from None
+    if len(data) > MAX_RAW_CIPHERTEXT:  # too long for one
         raise BadCiphertext("input is neither an encrypted stream nor a single ciphertext")
-    write_out(sink, client.decrypt(key_id, ciphertext, user_aad))
+    return data
 
 
 # ---------------------------------------------------------------------- rewrap input
@@ -715,7 +736,7 @@ def encrypt(settings: Settings, key_id: str, aad: str) -> None:
 @click.option("--aad", default="", help="The AAD given to encrypt.")
 @pass_settings
 def decrypt(settings: Settings, key_id: str, aad: str) -> None:
-    """Decrypt an encrypted stream (or one raw ENC ciphertext) from standard input."""
+    """Decrypt an encrypted stream (or one ENC ciphertext, raw or base64) from standard input."""
     with settings.client() as client:
         decrypt_input(client, key_id, _stdin(), _stdout(), os.fsencode(aad))
     _flush(_stdout())

@@ -258,6 +258,17 @@ def test_raw_ciphertext_is_decrypted_with_the_aad_as_given() -> None:
         unseal(b"")
 
 
+def test_a_ciphertext_as_base64_text_is_decrypted_too() -> None:
+    """The line ENC and `kms datakey` print opens as it is: no `base64 -d` first."""
+    raw = ToySealer().encrypt("k", b"raw secret", b"aad")
+    text = base64.b64encode(raw)
+    for form in (text, text + b"\n", text + b"\r\n"):
+        assert unseal(form, b"aad") == b"raw secret"
+    for broken in (text[:-1], text + b"==", text + b"\n\n", b"QUJD"):
+        with pytest.raises(BadCiphertext):
+            unseal(broken, b"aad")
+
+
 # ---------------------------------------------------------------------- usage (no daemon)
 
 
@@ -474,6 +485,15 @@ def test_encrypt_decrypt_round_trips(daemon: Daemon, daemon_env: dict[str, str])
 
     opened = kms(["decrypt", "demo", "--aad", "ctx"], daemon_env, raw)
     assert (opened.returncode, opened.stdout) == (0, b"one raw ciphertext")
+    as_text = base64.b64encode(raw) + b"\n"
+    opened = kms(["decrypt", "demo", "--aad", "ctx"], daemon_env, as_text)
+    assert (opened.returncode, opened.stdout) == (0, b"one raw ciphertext")
+
+    made = kms(["datakey", "demo", "--format", "hex"], daemon_env, b"")
+    assert made.returncode == 0, made.stderr
+    key_hex, wrapped = made.stdout.splitlines()
+    unwrapped = kms(["decrypt", "demo"], daemon_env, wrapped + b"\n")
+    assert (unwrapped.returncode, unwrapped.stdout.hex()) == (0, key_hex.decode())
 
 
 def test_a_non_blocking_stdin_is_read_to_its_end(
