@@ -879,6 +879,8 @@ _PARSERS: dict[bytes, Any] = {
 
 #: The verbs, in the order ``HELP`` lists them.
 VERBS: tuple[str, ...] = tuple(verb.decode("ascii") for verb in _PARSERS)
+#: The verbs whose first argument is a key id.
+KEYED_VERBS = frozenset(VERBS) - {"PING", "HELLO", "HELP", "QUIT", "REKEY"}
 
 
 _LONG_LINE = 512

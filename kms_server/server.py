@@ -39,6 +39,7 @@ import trio
 from kms_client.errors import Denied, KmsError, TooLong, Unavailable
 from kms_client.protocol import (
     DEFAULT_MAX_LINE,
+    KEYED_VERBS,
     VERBS,
     GenerateDataKey,
     Get,
@@ -52,6 +53,7 @@ from kms_client.protocol import (
     Rotate,
     format_error,
     parse_request,
+    validate_key_id,
 )
 from kms_server import systemd
 from kms_server.acl import Acl, AclError, Grants, Peer
@@ -495,8 +497,7 @@ class Server:
                         except KmsError as error:
                             request = None
                             reply = format_error(error)
-                            verb = verb_of(line)
-                            key_id = None
+                            verb, key_id = named_by(line)
                         else:
                             verb = request.verb
                             key_id = getattr(request, "key_id", None)
@@ -582,6 +583,24 @@ def verb_of(line: bytes) -> str:
     """The verb of a request that failed to parse, for the audit: a known verb or ``-``."""
     verb = line.split(b" ", 1)[0].upper().decode("ascii", "replace")
     return verb if verb in VERBS else "-"
+
+
+def named_by(line: bytes) -> tuple[str, str | None]:
+    """The verb and key id a request that failed to parse names, for the audit.
+
+    The key id is its second token when the verb takes one and the token is a valid
+    key id (``ENC pg/wal !!!`` was an attempt on ``pg/wal``), else None.
+    """
+    verb = verb_of(line)
+    space = line.find(b" ")
+    if verb not in KEYED_VERBS or space < 0:
+        return verb, None
+    start = space + 1
+    end = line.find(b" ", start)
+    try:
+        return verb, validate_key_id(line[start : end if end >= 0 else len(line)])
+    except KmsError:
+        return verb, None
 
 
 def error_code_of(reply: bytes) -> str:

@@ -117,6 +117,12 @@ def test_one_json_object_per_request_with_the_right_values(audited: Daemon) -> N
         step(b"FROB x", "-", None, None, "UNKNOWN_COMMAND")
         step(b"GET", "GET", None, None, "BAD_REQUEST")
         step(b"GET ../x", "GET", None, None, "BAD_KEY_ID")
+        # A request that does not parse is put on the key it names, when it names one.
+        step(b"ENC s/k !!!", "ENC", "s/k", None, "BAD_REQUEST")
+        step(b"DATAKEY s/k 0", "DATAKEY", "s/k", None, "BAD_REQUEST")
+        step(b"INFO s/k extra", "INFO", "s/k", None, "BAD_REQUEST")
+        step(b"PING s/k", "PING", None, None, "BAD_REQUEST")
+        step(b"REKEY file", "REKEY", None, None, "BAD_REQUEST")
         step(b"ping", "PING", None, None, "OK")
         step(b"QUIT", "QUIT", None, None, "OK")
 
