@@ -43,6 +43,7 @@ from kms_server.kek import (
     KekFile,
     KekSource,
     PassphraseCommand,
+    SourceRecordDamaged,
     exposure_of,
     obtain_for_store,
 )
@@ -97,6 +98,7 @@ _EXIT_FOR: dict[type[Exception], int] = {
     ConfigError: EXIT_CONFIG,
     StoreError: EXIT_STORE,
     KeyFileDamaged: EXIT_STORE,
+    SourceRecordDamaged: EXIT_STORE,
     KekError: EXIT_KEK,
     ServerError: EXIT_SOCKET,
     systemd.ActivationError: EXIT_SOCKET,
@@ -253,7 +255,7 @@ def init(store: Path | None, config_file: Path | None, **kek_settings: Any) -> N
     with one_line_errors():
         settings = settings_from(config_file, {"store": store, **kek_settings})
         store = settings.require_store()
-        source = settings.kek_source()
+        source = for_a_new_root(settings.kek_source())
         store_id = new_store_id()
         description = source.describe_new(store_id)
         kek = source.obtain(description, store_id)
@@ -263,6 +265,13 @@ def init(store: Path | None, config_file: Path | None, **kek_settings: Any) -> N
             wipe(kek)
         click.echo(f"initialised store {store} (id {metadata.store_id}, KEK source: {source.kind})")
         warn_if_exposed(source, say_warning)
+
+
+def for_a_new_root(source: KekSource) -> KekSource:
+    """``source``, checked for wrapping a new root: Transit needs its key name (exit 2)."""
+    if isinstance(source, TransitSource) and source.key is None:
+        raise ConfigError("a new Transit-wrapped root needs the Transit key name (--transit-key)")
+    return source
 
 
 def say_warning(message: str) -> None:
@@ -440,8 +449,14 @@ def check_config(config_file: Path | None, **options: Any) -> None:
             return
         read_metadata(settings.require_store())
         settings.kek_source()
-        if settings.kek_file is not None and not os.access(settings.kek_file, os.R_OK):
-            raise KekError(f"cannot read KEK file {settings.kek_file}")
+        for what, path in (
+            ("KEK file", settings.kek_file),
+            ("Transit token file", settings.transit_token_file),
+            ("Transit AppRole role-id file", settings.transit_role_id_file),
+            ("Transit AppRole secret-id file", settings.transit_secret_id_file),
+        ):
+            if path is not None and not os.access(path, os.R_OK):
+                raise KekError(f"cannot read {what} {path}")
         if settings.audit_log is not None:
             AuditLog(settings.audit_log).close()  # creates it (0600) as serve would
         access = load_access(settings)
@@ -566,7 +581,9 @@ def kek_source_from(
     timeout: float | None,
     transit_urls: str | None = None,
     transit: dict[str, Any] | None = None,
+    flag_prefix: str = "",
 ) -> KekSource:
+    """The KEK source of ``kmsd rekey``'s old or new flags (named so in errors)."""
     return settings_from(
         None,
         {
@@ -576,7 +593,7 @@ def kek_source_from(
             "kek_transit": transit_urls,
             **(transit or {}),
         },
-    ).kek_source()
+    ).kek_source(flag_prefix)
 
 
 def given(*values: object) -> bool:
@@ -642,22 +659,34 @@ def rekey(
             before, after = rewrap_stored_root(store, source)
             click.echo(f"rewrapped the root of {store}: Transit key version {before} -> {after}")
             return
-        new_source = kek_source_from(
-            new_kek_file, new_passphrase_command, passphrase_timeout, new_kek_transit, transit
+        new_source = for_a_new_root(
+            kek_source_from(
+                new_kek_file,
+                new_passphrase_command,
+                passphrase_timeout,
+                new_kek_transit,
+                transit,
+                "new-",
+            )
         )
         metadata = read_metadata(store)
         old_kek = None
         if given(old_kek_file, old_passphrase_command, old_kek_transit):
             old_source = kek_source_from(
-                old_kek_file, old_passphrase_command, passphrase_timeout, old_kek_transit, transit
+                old_kek_file,
+                old_passphrase_command,
+                passphrase_timeout,
+                old_kek_transit,
+                transit,
+                "old-",
             )
             old_kek = obtain_for_store(old_source, metadata.kek, metadata.store_id)
             maintenance.check_kek(metadata, old_kek)
-        serving = socket_path or serving_socket(store)
-        if serving is not None and store_in_use(store):
+        serving = daemon_socket(store, socket_path)
+        if serving is not None:
             if old_kek is not None:
                 wipe(old_kek)
-            generation = rekey_through_daemon(Path(serving), new_source)
+            generation = rekey_through_daemon(serving, new_source)
             click.echo(f"rekeyed {store} through the running daemon: generation {generation}")
             warn_if_exposed(new_source, say_warning)
             return
@@ -698,6 +727,30 @@ def rewrap_stored_root(store_dir: Path, source: TransitSource) -> tuple[int, int
     return before, wrapped_version(description)
 
 
+def daemon_socket(store: Path, given: Path | None) -> Path | None:
+    """The socket of the daemon serving ``store``: ``given``, or the one it recorded.
+
+    None when no daemon serves it. A ``--socket`` must be the recorded socket when that
+    one is visible here (a daemon in a container may record a path only it sees): a
+    rekey through another store's daemon would re-seal that store instead.
+    """
+    if not store_in_use(store):
+        return None
+    recorded = serving_socket(store)
+    if given is None:
+        return None if recorded is None else Path(recorded)
+    if recorded is not None and os.path.exists(recorded):
+        try:
+            same = os.path.samefile(given, recorded)
+        except OSError:
+            same = False
+        if not same:
+            raise ConfigError(
+                f"--socket {given} is not the socket of the daemon serving {store} ({recorded})"
+            )
+    return given
+
+
 def store_in_use(store: Path) -> bool:
     try:
         with locked(store / LOCK_NAME, blocking=False):
@@ -711,9 +764,10 @@ def rekey_through_daemon(socket_path: Path, source: KekSource) -> int:
     if isinstance(source, KekFile):
         request = Rekey("file", str(source.path.absolute()))
     elif isinstance(source, TransitSource):
-        raise ConfigError(
+        fail(
             "a running daemon cannot rekey to a Transit source (REKEY carries a file or a "
-            "passphrase command): stop it, rekey offline, start it with --kek-transit"
+            "passphrase command): stop it, rekey offline, start it with --kek-transit",
+            EXIT_REFUSED,
         )
     else:
         assert isinstance(source, PassphraseCommand)  # noqa: S101 - the only other kind

@@ -85,13 +85,14 @@ class Settings:
             rotation_check_interval=self.rotation_check_interval,
         )
 
-    def kek_source(self) -> KekSource:
+    def kek_source(self, flag_prefix: str = "") -> KekSource:
+        """The one KEK source given; errors name the flags with ``flag_prefix`` (``new-``)."""
+        flags = [f"--{flag_prefix}{name}" for name in ("kek-file", "passphrase-command")]
+        flags.append(f"--{flag_prefix}kek-transit")
         given = [
             flag
-            for flag, value in (
-                ("--kek-file", self.kek_file),
-                ("--passphrase-command", self.passphrase_command),
-                ("--kek-transit", self.kek_transit),
+            for flag, value in zip(
+                flags, (self.kek_file, self.passphrase_command, self.kek_transit), strict=True
             )
             if value is not None
         ]
@@ -103,7 +104,7 @@ class Settings:
             return PassphraseCommand(self.passphrase_command, self.passphrase_timeout)
         if self.kek_transit is not None:
             return self.transit_source(self.kek_transit)
-        raise ConfigError("no KEK source: give --kek-file, --passphrase-command or --kek-transit")
+        raise ConfigError(f"no KEK source: give {flags[0]}, {flags[1]} or {flags[2]}")
 
     def transit_source(self, urls: tuple[str, ...]) -> TransitSource:
         try:

@@ -43,6 +43,11 @@ class KekError(Exception):
     """The KEK could not be obtained; the message says why and never holds secrets."""
 
 
+class SourceRecordDamaged(KekError):
+    """The store's record of its KEK source does not parse: the store is damaged
+    (``kmsd`` exit 3), whatever the source would say."""
+
+
 class KekSource(Protocol):
     @property
     def kind(self) -> str:
@@ -81,25 +86,27 @@ class KekFile:
         raise KekError(f"KEK file {self.path} must hold 32 raw bytes or 64 hex characters")
 
 
-def read_small_file(path: Path, limit: int, timeout: float) -> bytearray:
+def read_small_file(path: Path, limit: int, timeout: float, what: str = "KEK file") -> bytearray:
     """Read ``path`` into a wipeable buffer, refusing more than ``limit`` bytes.
 
     Never blocks past ``timeout``: the daemon reads a new KEK file for ``REKEY``
     while every store change waits. Opened non-blocking, a FIFO nobody writes to
     reads as empty at once, a pipe that stalls is given up, and a device that
     never ends (``/dev/zero``) is refused at ``limit``. Read straight into the
-    buffer, so no copy of the KEK is left in an immutable ``bytes``.
+    buffer, so no copy of the KEK is left in an immutable ``bytes``. A file every
+    user may write is refused: what it holds may be anyone's. ``what`` names the
+    file in errors (a KEK file, a Transit token file).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise KekError(f"cannot read KEK file {path}: {exc.strerror}") from None
+        raise KekError(f"cannot read {what} {path}: {exc.strerror}") from None
     except ValueError:  # an embedded NUL
-        raise KekError("cannot read KEK file: its path holds a NUL byte") from None
+        raise KekError(f"cannot read {what}: its path holds a NUL byte") from None
     buffer = bytearray(limit + 1)
     size = 0
     try:
-        refuse_if_writable_by_all(fd, path)
+        refuse_if_writable_by_all(fd, path, what)
         deadline = time.monotonic() + timeout
         poller = select.poll()
         poller.register(fd, select.POLLIN)
@@ -111,7 +118,7 @@ def read_small_file(path: Path, limit: int, timeout: float) -> bytearray:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise KekError(
-                            f"KEK file {path} delivered nothing within {timeout:g} s"
+                            f"{what} {path} delivered nothing within {timeout:g} s"
                         ) from None
                     poller.poll(remaining * 1000)
                     continue
@@ -119,10 +126,10 @@ def read_small_file(path: Path, limit: int, timeout: float) -> bytearray:
                     break
                 size += count
         if size > limit:
-            raise KekError(f"KEK file {path} is larger than {limit} bytes: not a KEK file")
+            raise KekError(f"{what} {path} is larger than {limit} bytes: not a {what}")
     except OSError as exc:
         wipe(buffer)
-        raise KekError(f"cannot read KEK file {path}: {exc.strerror}") from None
+        raise KekError(f"cannot read {what} {path}: {exc.strerror}") from None
     except BaseException:
         wipe(buffer)
         raise
@@ -133,16 +140,16 @@ def read_small_file(path: Path, limit: int, timeout: float) -> bytearray:
     return content
 
 
-def refuse_if_writable_by_all(fd: int, path: Path) -> None:
-    """A KEK file any user could have written is refused: its KEK may be theirs.
+def refuse_if_writable_by_all(fd: int, path: Path, what: str) -> None:
+    """A secret file any user could have written is refused: its secret may be theirs.
 
     Checked on the open descriptor, so it is the file that is read.
     """
     mode = os.fstat(fd).st_mode
     if stat.S_ISREG(mode) and mode & stat.S_IWOTH:
         raise KekError(
-            f"KEK file {path} is writable by every user (mode {stat.S_IMODE(mode):04o}), "
-            "so anyone could have put their own KEK there: make a new one under umask 077"
+            f"{what} {path} is writable by every user (mode {stat.S_IMODE(mode):04o}), "
+            "so anyone could have put their own there: make a new one under umask 077"
         )
 
 
@@ -271,11 +278,13 @@ class PassphraseCommand:
             lanes = int(description["lanes"])
             memory_kib = int(description["memory_kib"])
         except (KeyError, ValueError, TypeError, binascii.Error):
-            raise KekError("store metadata holds damaged passphrase KDF parameters") from None
+            raise SourceRecordDamaged(
+                "store metadata holds damaged passphrase KDF parameters"
+            ) from None
         if description.get("kdf") != "argon2id" or not (
             1 <= iterations <= 100 and 1 <= lanes <= 64 and 8 * lanes <= memory_kib <= 4 << 20
         ):
-            raise KekError("store metadata holds unsupported passphrase KDF parameters")
+            raise SourceRecordDamaged("store metadata holds unsupported passphrase KDF parameters")
         passphrase = self.read_passphrase()
         return bytearray(
             argon2id(passphrase, salt, iterations=iterations, lanes=lanes, memory_kib=memory_kib)

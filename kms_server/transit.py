@@ -54,10 +54,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import re
 import ssl
-import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -72,7 +70,7 @@ import requests
 import requests.adapters
 
 from kms_server.crypto import KEY_SIZE, random_bytes, wipe
-from kms_server.kek import KekError
+from kms_server.kek import KekError, SourceRecordDamaged, read_small_file
 
 TRANSIT_KIND = "transit"
 DEFAULT_MOUNT = "transit"
@@ -86,6 +84,10 @@ FIRST_BACKOFF = 0.25
 MAX_BACKOFF = 5.0
 #: Renew a renewable token once its remaining TTL falls to this share of its full TTL.
 RENEW_AT_FRACTION = 0.5
+#: A token, role-id or secret-id file holds one short line: more is not one of them.
+MAX_SECRET_SIZE = 4096
+#: How long such a file may take to deliver it (a FIFO fed by a secrets agent).
+SECRET_FILE_TIMEOUT = 10.0
 #: The Transit ``context`` is this label followed by the store id.
 CONTEXT_LABEL = b"kmsd store root v1\x00"
 BINDING = "context:store-id"
@@ -139,7 +141,9 @@ class _Wrapped:
             or match is None
             or not (namespace is None or (isinstance(namespace, str) and namespace))
         ):
-            raise KekError("store metadata holds a damaged or unsupported Transit description")
+            raise SourceRecordDamaged(
+                "store metadata holds a damaged or unsupported Transit description"
+            )
         assert isinstance(ciphertext, str)  # noqa: S101 - matched above
         return cls(mount, key, ciphertext, int(match.group(1)), namespace)
 
@@ -174,6 +178,12 @@ def _check_url(url: str) -> str:
         raise ValueError(f"Transit URL {shown!r} must look like https://host:8200")
     if parts.query or parts.fragment or parts.path not in ("", "/"):
         raise ValueError(f"Transit URL {shown!r} must be scheme://host:port only")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or past 65535
+        port = 0
+    if port == 0:
+        raise ValueError(f"Transit URL {shown!r} has no valid port (1 to 65535)")
     return url.rstrip("/")
 
 
@@ -184,27 +194,19 @@ def _check_name(what: str, value: str | None) -> str | None:
 
 
 def _read_secret(path: Path, what: str) -> str:
-    """The first line of a small secret file; errors name the file, never its content.
+    """The one line of a small secret file; errors name the file, never its content.
 
-    One that every user may write is refused, as a KEK file is: its credentials may
-    be anyone's.
+    Read as a KEK file is: one that every user may write is refused (its credentials
+    may be anyone's), and a FIFO or a device cannot hang or exhaust the daemon.
     """
-    try:
-        with path.open("rb") as file:
-            mode = os.fstat(file.fileno()).st_mode
-            data = file.read()
-    except OSError as exc:
-        raise KekError(f"cannot read the Transit {what} file {path}: {exc.strerror}") from None
-    if stat.S_ISREG(mode) and mode & stat.S_IWOTH:
-        raise KekError(
-            f"the Transit {what} file {path} is writable by every user "
-            f"(mode {stat.S_IMODE(mode):04o}): make it 0600"
-        )
+    data = read_small_file(path, MAX_SECRET_SIZE, SECRET_FILE_TIMEOUT, f"Transit {what} file")
     try:
         text = data.decode().strip()
     except UnicodeDecodeError:
         raise KekError(f"the Transit {what} file {path} is not text") from None
-    if not text or "\n" in text or len(text) > 4096:
+    finally:
+        wipe(data)
+    if not text or "\n" in text:
         raise KekError(f"the Transit {what} file {path} must hold one non-empty line")
     if not text.isprintable():  # a CR, a tab: no HTTP header could carry it
         raise KekError(f"the Transit {what} file {path} holds a control character")
@@ -270,12 +272,18 @@ def _translate(
 ) -> Exception:
     """A failure of one request to one node: :class:`_Retry` (try elsewhere, later) or final."""
     if isinstance(exc, requests.exceptions.SSLError):
-        return _Refusal(
-            f"TLS failure talking to {url}: {_tls_reason(exc)} (give the CA file with --transit-ca)"
+        reason = _tls_reason(exc)
+        hint = (
+            "the server does not speak TLS: is its URL http://?"
+            if "WRONG_VERSION_NUMBER" in reason
+            else "give the CA file with --transit-ca"
         )
+        return _Refusal(f"TLS failure talking to {url}: {reason} ({hint})")
     if isinstance(exc, requests.RequestException):
         return _Retry(_connection_reason(exc))
     assert isinstance(exc, hvac.exceptions.VaultError)  # noqa: S101 - the only other kind
+    if "HTTP request to an HTTPS server" in (exc.text or ""):  # Go's answer, not JSON
+        return _Refusal(f"{url} speaks TLS: give its URL as https://")
     reason = _first_error(exc)
     if isinstance(exc, hvac.exceptions.VaultDown):
         return _Retry("sealed" if "sealed" in reason else f"unavailable: {reason}")

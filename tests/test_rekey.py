@@ -435,6 +435,29 @@ def test_online_rekey_refuses_every_new_kek_it_cannot_obtain(fresh: KekDaemon) -
     assert "Traceback" not in daemon.log.read_text()
 
 
+def test_a_socket_of_another_stores_daemon_is_refused(fresh: KekDaemon, short_tmp: Path) -> None:
+    """`rekey --store A --socket B` re-sealed B's store and said it had rekeyed A."""
+    other = new_daemon(short_tmp / "other")
+    new_kek = write_kek(short_tmp / "new-kek")
+    try:
+        with running(fresh), running(other):
+            wrong = kmsd(
+                "rekey", "--store", fresh.store, "--socket", other.socket_path,
+                "--new-kek-file", new_kek,
+            )  # fmt: skip
+            assert wrong.returncode == EXIT_CONFIG, wrong.stderr
+            assert generations(fresh.store) == generations(other.store) == ["gen-1"]
+            right = kmsd(
+                "rekey", "--store", fresh.store, "--socket", fresh.socket_path,
+                "--new-kek-file", new_kek,
+            )  # fmt: skip
+            assert right.returncode == EXIT_OK, right.stderr
+            assert generations(fresh.store) == ["gen-2"]
+            assert generations(other.store) == ["gen-1"]
+    finally:
+        other.discard()
+
+
 def test_a_rekey_to_a_kek_file_every_user_may_read_says_so(fresh: KekDaemon) -> None:
     """Accepted, as at start, and said both by the daemon and by `kmsd rekey`."""
     daemon = fresh

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -188,6 +189,21 @@ def test_a_token_file_every_user_may_write_is_refused(token_file: Path) -> None:
     token_file.chmod(0o666)
     transit = TransitSource(["http://127.0.0.1:1"], token_file=token_file, start_timeout=0)
     with pytest.raises(KekError, match="writable by every user"):
+        transit.obtain(UNREACHED_DESCRIPTION, "store")
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_token_file_that_never_ends_or_never_delivers_is_refused(
+    tmp_path: Path, kind: str
+) -> None:
+    """Read as a KEK file is: /dev/zero ate all memory, a FIFO nobody writes hung."""
+    if kind == "device":
+        path, expected = Path("/dev/zero"), "larger than"
+    else:
+        path, expected = tmp_path / "token.fifo", "one non-empty line"
+        os.mkfifo(path, 0o600)
+    transit = TransitSource(["http://127.0.0.1:1"], token_file=path, start_timeout=0)
+    with pytest.raises(KekError, match=expected):
         transit.obtain(UNREACHED_DESCRIPTION, "store")
 
 
@@ -612,6 +628,17 @@ def test_tls(short_tmp: Path, token_file: Path) -> None:
             TransitSource([server.url], token_file=token_file, ca_file=short_tmp / "nope").obtain(
                 with_ca.describe_new("store"), "store"
             )
+        plain_url = server.url.replace("https://", "http://")
+        plain = TransitSource([plain_url], key=openbao.TRANSIT_KEY, token_file=token_file)
+        with pytest.raises(KekError, match="give its URL as https://"):
+            plain.describe_new("store")
+
+
+def test_https_to_a_plain_server_says_so(own_bao: DevServer, token_file: Path) -> None:
+    url = own_bao.url.replace("http://", "https://")
+    transit = TransitSource([url], key=openbao.TRANSIT_KEY, token_file=token_file)
+    with pytest.raises(KekError, match="does not speak TLS"):
+        transit.describe_new("store")
 
 
 def test_unreachable_retries_until_the_timeout(own_bao: DevServer, token_file: Path) -> None:
@@ -870,6 +897,41 @@ def test_cli_rekey_file_to_transit_and_back(
     )  # fmt: skip
     assert back.returncode == 0, back.stderr.decode()
     assert read_metadata(store).kek["kind"] == "file"
+
+
+def test_cli_exit_codes_of_transit_settings(
+    cli_bao: DevServer, token_file: Path, short_tmp: Path
+) -> None:
+    """A missing key name or a bad port is a usage error (2), before anything is asked; a
+    damaged record of the source is the store's damage (3); an unreadable token file is
+    found by check-config (4); an online rekey to Transit is refused (7)."""
+    store, kek_file = short_tmp / "store", short_tmp / "kek"
+    flags = transit_flags(cli_bao, token_file)
+    assert kmsd("init", "--store", store, *flags).returncode == 2
+    bad_port = ["--kek-transit", "http://127.0.0.1:99999", "--transit-token-file", token_file]
+    assert kmsd("init", "--store", store, *bad_port, "--transit-key", "k").returncode == 2
+    assert not store.exists()
+
+    assert kmsd("init", "--store", store, *flags, "--transit-key", "kms-root").returncode == 0
+    missing = ["--kek-transit", cli_bao.url, "--transit-token-file", short_tmp / "nofile"]
+    assert kmsd("check-config", "--store", store, *missing).returncode == 4
+    metadata_path = store / "live" / "kms-store.json"
+    intact = metadata_path.read_bytes()
+    metadata = json.loads(intact)
+    metadata["kek"]["ciphertext"] = "garbage"
+    metadata_path.write_text(json.dumps(metadata))
+    assert kmsd("verify", "--store", store, *flags).returncode == 3
+    metadata_path.write_bytes(intact)
+
+    file_store = short_tmp / "file-store"
+    kek_file.write_text(random_bytes(32).hex())
+    assert kmsd("init", "--store", file_store, "--kek-file", kek_file).returncode == 0
+    with Kmsd(short_tmp, file_store, ["--kek-file", str(kek_file)]):
+        online = kmsd(
+            "rekey", "--store", file_store, "--new-kek-transit", cli_bao.url,
+            "--transit-token-file", token_file, "--transit-key", "kms-root",
+        )  # fmt: skip
+    assert online.returncode == 7, online.stderr.decode()
 
 
 def test_cli_primary_and_standby_copies_serve_identical_deks(
