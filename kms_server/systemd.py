@@ -50,6 +50,8 @@ def inherited_listener() -> socket.socket | None:
         raise ActivationError("LISTEN_FDS is not a number") from None
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # not for our children
+    if count == 0:  # as sd_listen_fds(3): nothing passed, not socket-activated
+        return None
     if count != 1:
         raise ActivationError(f"systemd passed {count} sockets; kmsd serves exactly one")
     fd = SD_LISTEN_FDS_START
@@ -64,6 +66,13 @@ def inherited_listener() -> socket.socket | None:
         raise ActivationError(
             "systemd passed a socket that is not listening (a connection: Accept=yes?);"
             " kmsd needs the listening socket (Accept=no)"
+        )
+    name = listener.getsockname()
+    if not isinstance(name, str) or not name or name.startswith("\0"):
+        listener.detach()
+        raise ActivationError(
+            f"systemd passed a socket with no file ({name!r}): an abstract socket has no mode or"
+            " group to limit who connects; use a path, such as ListenStream=/run/kms/kms.sock"
         )
     os.set_inheritable(fd, False)
     return listener

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -280,12 +280,30 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
-def test_a_passed_socket_that_is_not_listening_is_refused_at_start(short_tmp: Path) -> None:
-    """Accept=yes passes a connection, not the listening socket: one line, exit 5, never
-    READY=1 and a traceback at the first accept."""
+def abstract_listener() -> tuple[socket.socket, socket.socket]:
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(f"\0kms-test-{os.getpid()}-{time.monotonic_ns()}")
+    listening.listen()
+    return listening, listening.dup()
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM), b"not listening"),
+        (abstract_listener, b"an abstract socket"),
+    ],
+    ids=["a connection", "an abstract socket"],
+)
+def test_a_passed_socket_it_cannot_serve_is_refused_at_start(
+    short_tmp: Path, make: Callable[[], tuple[socket.socket, socket.socket]], said: bytes
+) -> None:
+    """Accept=yes passes a connection, not the listening socket; ListenStream=@name passes
+    one no file mode guards. One line, exit 5, never READY=1 (the first was a traceback at
+    the first accept, the second a traceback at start)."""
     daemon = make_store(short_tmp / "d")
     listener = NotifyListener(short_tmp / "notify.sock")
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours, theirs = make()
     try:
         result = subprocess.run(
             [
@@ -303,7 +321,7 @@ def test_a_passed_socket_that_is_not_listening_is_refused_at_start(short_tmp: Pa
         )
         assert result.returncode == 5, result.stderr
         assert result.stderr.count(b"\n") == 1, result.stderr
-        assert b"not listening" in result.stderr
+        assert said in result.stderr
         listener.sock.settimeout(0.2)
         with pytest.raises(TimeoutError):
             listener.sock.recv(4096)  # nothing, READY=1 least of all
@@ -311,3 +329,27 @@ def test_a_passed_socket_that_is_not_listening_is_refused_at_start(short_tmp: Pa
         ours.close()
         theirs.close()
         listener.close()
+
+
+def test_listen_fds_0_is_not_socket_activation(short_tmp: Path) -> None:
+    """As sd_listen_fds(3): LISTEN_PID ours but no descriptor passed, kmsd binds its own."""
+    daemon = make_store(short_tmp / "d")
+    path = short_tmp / "kms.sock"
+    launch = (
+        "import os, sys\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='0')\n"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", launch, *serve_command(daemon, path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not listening(path) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ask(path, b"PING\n") == b"OK PONG\n"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
