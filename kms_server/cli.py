@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -50,12 +50,16 @@ from kms_server.kek import (
 from kms_server.maintenance import online_rekeyer
 from kms_server.server import (
     AccessControl,
+    Reloaded,
+    ReloadRejected,
     Server,
     ServerError,
+    SignalLatch,
     bind_unix_socket,
     remove_socket,
     run,
 )
+from kms_server.sink import StderrLogHandler
 from kms_server.store import (
     LIVE_LINK,
     LOCK_NAME,
@@ -133,11 +137,13 @@ def one_line_errors() -> Iterator[None]:
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s kmsd[%(process)d] %(levelname)s %(message)s",
+    """The daemon's log on stderr, written so that a reader that stalls (journald) loses
+    lines instead of freezing the daemon."""
+    handler = StderrLogHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s kmsd[%(process)d] %(levelname)s %(message)s")
     )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
 def store_option(required: bool) -> Callable[[Any], Any]:
@@ -427,7 +433,8 @@ def serve(config_file: Path | None, dev: bool, verbose: bool, **options: Any) ->
         try:
             if dev:
                 ensure_demo_key(store_handle)
-            serve_store(settings, store_handle, access, source)
+            reread = rereader(config_file, options, settings)
+            serve_store(settings, store_handle, access, source, reread)
         finally:
             store_handle.close()
 
@@ -505,8 +512,38 @@ def watch_transit(settings: Settings, source: KekSource) -> HealthWatch | None:
     return watch
 
 
+#: The settings a reload (SIGHUP) puts in force; the others need a restart.
+RELOADABLE = frozenset({"acl", "audit_log"})
+
+
+def rereader(
+    config_file: Path | None, options: dict[str, Any], serving: Settings
+) -> Callable[[], Reloaded]:
+    """What SIGHUP reads: the config file again, with the flags winning as at start."""
+
+    def reread() -> Reloaded:
+        try:
+            fresh = settings_from(config_file, options)
+            access = load_access(fresh)
+        except (ConfigError, AclError) as error:
+            raise ReloadRejected(str(error)) from None
+        restart_only = tuple(  # names only: a passphrase command may hold a passphrase
+            setting.name
+            for setting in fields(Settings)
+            if setting.name not in RELOADABLE
+            and getattr(fresh, setting.name) != getattr(serving, setting.name)
+        )
+        return Reloaded(access.acl, fresh.acl, fresh.audit_log, restart_only)
+
+    return reread
+
+
 def serve_store(
-    settings: Settings, store: KeyStore, access: AccessControl, source: KekSource
+    settings: Settings,
+    store: KeyStore,
+    access: AccessControl,
+    source: KekSource,
+    reread: Callable[[], Reloaded],
 ) -> None:
     audit = AuditLog(settings.audit_log)
     inherited = systemd.inherited_listener()
@@ -514,38 +551,39 @@ def serve_store(
     # A socket systemd passed us is systemd's: we neither chmod nor remove it.
     bound = None if inherited else os.lstat(settings.socket)
     watch = watch_transit(settings, source)
-    try:
-        rekeyer = online_rekeyer(store, settings.passphrase_timeout)
-        dispatcher = Dispatcher(
-            store, __version__, rekeyer, (lambda: watch.status) if watch else (lambda: "ok")
-        )
-        server = Server(dispatcher, listener, settings.limits(), access, audit)
-        # Where clients (and `kmsd rekey`) reach us: a socket systemd passed is wherever
-        # its ListenStream= put it, whatever our configuration says.
-        serving = Path(listener.getsockname()) if inherited else settings.socket
-        store.announce(serving)
-        mode = (
-            "passed by systemd, mode per SocketMode="
-            if inherited
-            else f"mode {settings.socket_mode:04o}"
-        )
-        log.info(
-            "serving store %s on %s (%s), KEK source: %s",
-            settings.store,
-            serving,
-            mode,
-            store.metadata.kek["kind"],
-        )
-        announce_access(access)
-        trio.run(run, server, f"store {settings.store} on {serving}")
-    finally:
-        if watch is not None:
-            watch.stop()
-        listener.close()
-        audit.close()
-        if bound is not None:
-            remove_socket(settings.socket, bound)
-    log.info("stopped")
+    with SignalLatch() as latch:  # held until the socket is removed
+        try:
+            rekeyer = online_rekeyer(store, settings.passphrase_timeout)
+            dispatcher = Dispatcher(
+                store, __version__, rekeyer, (lambda: watch.status) if watch else (lambda: "ok")
+            )
+            server = Server(dispatcher, listener, settings.limits(), access, audit, reread)
+            # Where clients (and `kmsd rekey`) reach us: a socket systemd passed is wherever
+            # its ListenStream= put it, whatever our configuration says.
+            serving = Path(listener.getsockname()) if inherited else settings.socket
+            store.announce(serving)
+            mode = (
+                "passed by systemd, mode per SocketMode="
+                if inherited
+                else f"mode {settings.socket_mode:04o}"
+            )
+            log.info(
+                "serving store %s on %s (%s), KEK source: %s",
+                settings.store,
+                serving,
+                mode,
+                store.metadata.kek["kind"],
+            )
+            announce_access(access)
+            trio.run(run, server, f"store {settings.store} on {serving}", latch)
+        finally:
+            if watch is not None:
+                watch.stop()
+            listener.close()
+            audit.close()
+            if bound is not None:
+                remove_socket(settings.socket, bound)
+        log.info("stopped")
 
 
 # --------------------------------------------------------------------------- lifecycle

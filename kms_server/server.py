@@ -28,7 +28,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter_ns
@@ -56,7 +56,7 @@ from kms_client.protocol import (
     validate_key_id,
 )
 from kms_server import systemd
-from kms_server.acl import Acl, AclError, Grants, Peer
+from kms_server.acl import Acl, Grants, Peer
 from kms_server.audit import AuditError, AuditLog
 from kms_server.dispatch import WRITE_REQUESTS, Dispatcher
 from kms_server.failures import LastingFailures
@@ -68,6 +68,8 @@ log = logging.getLogger("kmsd.server")
 RECEIVE_SIZE = 256 * 1024
 #: How long a connection idle at shutdown may still deliver a request already sent.
 LAST_CALL = 0.2
+#: How long the reply to a write applied during a stop may take to send, grace or not.
+WRITE_REPLY_TIMEOUT = 1.0
 #: The most an idle-timeout deadline may run late (and at most 1/16 of the timeout).
 MAX_SLACK = 1.0
 #: How long one connection's batch may hold the event loop before it lets others run
@@ -129,6 +131,23 @@ class KnownLine:
         self.request = request
         self.key_id = key_id
         self.permitted = permitted
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """What a reload (SIGHUP) puts in force: the configuration's ACL and audit log."""
+
+    acl: Acl
+    #: Where the ACL came from: None for the default (the daemon's own uid alone).
+    acl_path: Path | None
+    #: None: stderr.
+    audit_path: Path | None
+    #: Settings the configuration changed that take effect only at a restart.
+    restart_only: tuple[str, ...] = ()
+
+
+class ReloadRejected(Exception):
+    """The configuration read again at SIGHUP is bad: the one in force stays."""
 
 
 class ServerError(Exception):
@@ -200,8 +219,11 @@ class Server:
         limits: Limits,
         access: AccessControl,
         audit: AuditLog,
+        reread: Callable[[], Reloaded],
     ) -> None:
         self._dispatcher = dispatcher
+        #: Reads the configuration again (SIGHUP); blocking, so called in a worker thread.
+        self._reread = reread
         listener.setblocking(False)
         self._listener = listener
         self._limits = limits
@@ -215,18 +237,40 @@ class Server:
         self._stop_requested = trio.Event()
         self._waiting_for_input: set[trio.CancelScope] = set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def stop(self) -> None:
         """Begin a graceful stop (idempotent)."""
         self._stopping = True
         self._stop_requested.set()
 
     async def reload(self) -> None:
-        """SIGHUP: reload the ACL (kept as it was if the new one is bad), reopen the audit log."""
-        await self._access.reload()
+        """SIGHUP: read the configuration again and put its ACL and audit log in force
+        together, or neither: a bad new configuration is rejected, the old one stays.
+
+        The audit log is opened afresh even at an unchanged path (logrotate moved it).
+        """
         try:
-            self._audit.reopen()
-        except AuditError as error:
-            log.error("%s; still writing to the previous audit log", error)
+            reloaded = await trio.to_thread.run_sync(self._reread)
+            sink = self._audit.open_sink(reloaded.audit_path)
+        except (ReloadRejected, AuditError) as error:
+            log.error("reload rejected, the previous ACL and audit log stay in force: %s", error)
+            return
+        self._access.use(reloaded.acl, reloaded.acl_path)
+        self._audit.use_sink(reloaded.audit_path, sink)
+        log.info(
+            "reloaded: ACL %s (%d rules), audit log %s",
+            reloaded.acl.source,
+            len(reloaded.acl.rules),
+            reloaded.audit_path or "stderr",
+        )
+        if reloaded.restart_only:
+            log.warning(
+                "the configuration changes %s: in force only after a restart",
+                ", ".join(reloaded.restart_only),
+            )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as connections:
@@ -460,7 +504,7 @@ class Server:
                 head = audit_head(audit_prefix)
                 replies: list[bytes] = []
                 trail: list[str] = []
-                closing = False
+                closing = must_answer = flushed = False
                 pending = 0  # bytes in replies
                 began = slice_began = perf_counter_ns()
                 for number, line in enumerate(lines):
@@ -518,10 +562,14 @@ class Server:
                         elif type(request) in _WRITE_TYPES:
                             deadline = idle.deadline = math.inf  # a write is never cut
                             async with self._write_lock:
-                                reply, version = await dispatcher.respond_write(
-                                    request, trio.to_thread.run_sync
-                                )
+                                with trio.CancelScope(shield=True):  # not even the grace's end
+                                    reply, version = await dispatcher.respond_write(
+                                        request, trio.to_thread.run_sync
+                                    )
                             head = audit_head(audit_prefix)
+                            # Stopping, the grace period may end before this batch does, and
+                            # an applied write must be answered: its reply goes out now.
+                            must_answer = self._stopping
                         else:
                             reply, version = respond(request)
                             closing = type(request) is Quit
@@ -540,6 +588,21 @@ class Server:
                     micros = (ended - began) // 1000
                     began = ended  # the next request starts here: one clock read a request
                     trail += (head, subject, audit_tail(micros))
+                    if must_answer:  # on record, then sent, the grace period's end or not
+                        audit.write(trail)
+                        trail = []
+                        with trio.CancelScope(shield=True) as answering:
+                            answering.deadline = current_time() + WRITE_REPLY_TIMEOUT
+                            try:
+                                await send_from(send, b"".join(replies), 0)
+                            except OSError:  # EPIPE, ECONNRESET: the client went away
+                                return
+                        if answering.cancelled_caught:  # it does not read: close
+                            return
+                        replies = []
+                        pending = 0
+                        must_answer = False
+                        flushed = True
                     if closing:
                         break
                 if framer.too_long and not closing:
@@ -549,8 +612,8 @@ class Server:
                     subject = audit_subject(verb, None, None, "TOO_LONG", size_in, len(_TOO_LONG))
                     trail += (head, subject, audit_tail(0))
                     closing = True
-                answered = bool(replies)
-                if answered:
+                answered = bool(replies) or flushed
+                if replies:
                     audit.write(trail)  # before the replies: no key leaves unrecorded
                     wanted = current_time() + timeout
                     if deadline < wanted or deadline > wanted + slack:
@@ -619,22 +682,45 @@ class AccessControl:
     def grants_for(self, peer: Peer) -> Grants:
         return self.acl.grants_for(peer)
 
-    async def reload(self) -> None:
-        if self.path is None:
-            return
-        try:
-            acl = await trio.to_thread.run_sync(Acl.load, self.path)
-        except AclError as error:
-            log.error("ACL reload rejected, the previous ACL stays in force: %s", error)
-            return
-        self.acl = acl
+    def use(self, acl: Acl, path: Path | None) -> None:
+        """Put ``acl`` in force; every connection re-derives its grants at its next batch."""
+        self.acl, self.path = acl, path
         self.generation += 1
-        log.info("ACL reloaded from %s: %d rules", self.path, len(acl.rules))
+
+
+class SignalLatch:
+    """SIGTERM and SIGINT while trio's signal receiver is not open: remembered, never the
+    default action.
+
+    Held around the whole serving run. A signal before the receiver opens still stops
+    the daemon (:func:`run` looks at :attr:`caught`); one trio hands back as its
+    receiver closes (a second SIGTERM during the stop) would otherwise kill the
+    process before its socket is removed.
+    """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.caught: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalLatch:
+        self._previous = {signum: signal.signal(signum, self._catch) for signum in self._SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _catch(self, signum: int, frame: object) -> None:
+        if self.caught is None:
+            self.caught = signum
 
 
 async def run(
     server: Server,
     description: str = "",
+    latch: SignalLatch | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -643,32 +729,46 @@ async def run(
     Under systemd (``Type=notify``) it reports ``READY=1`` once the socket is
     served, ``RELOADING=1``/``READY=1`` around a reload, ``STOPPING=1`` at
     shutdown, ``STATUS=`` lines, and ``WATCHDOG=1`` pings when a watchdog is armed.
+    Signals are obeyed until the stop is complete: a second SIGTERM or SIGINT is
+    said and changes nothing (the grace period bounds the stop).
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery, trio.open_nursery() as pinger:
-            await nursery.start(server.serve)
-            serving = f"STATUS=serving {description}".rstrip()
-            systemd.notify("READY=1", serving, f"MAINPID={os.getpid()}")
-            period = systemd.watchdog_period()
-            if period is not None:
-                pinger.start_soon(_ping_watchdog, period)
-            task_status.started()
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    log.info("SIGHUP received: reloading")
-                    systemd.notify(
-                        "RELOADING=1",
-                        f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
-                        "STATUS=reloading the ACL and reopening the audit log",
-                    )
-                    await server.reload()
-                    systemd.notify("READY=1", serving)
-                    continue
-                log.info("%s received: stopping", signal.Signals(signum).name)
-                systemd.notify("STOPPING=1", "STATUS=stopping: finishing requests in flight")
-                server.stop()
-                break
-            pinger.cancel_scope.cancel()  # serve() drains in `nursery`; the pings may stop
+        async with trio.open_nursery() as helpers:
+            async with trio.open_nursery() as serving:
+                await serving.start(server.serve)
+                status = f"STATUS=serving {description}".rstrip()
+                systemd.notify("READY=1", status, f"MAINPID={os.getpid()}")
+                period = systemd.watchdog_period()
+                if period is not None:
+                    helpers.start_soon(_ping_watchdog, period)
+                helpers.start_soon(_obey_signals, server, signals, status)
+                if latch is not None and latch.caught is not None:
+                    _stop(server, latch.caught)  # it came while we started
+                task_status.started()
+            helpers.cancel_scope.cancel()  # serve() returned: stopped and drained
+
+
+async def _obey_signals(server: Server, signals: AsyncIterator[int], status: str) -> None:
+    async for signum in signals:
+        if server.stopping:
+            log.info("%s received: already stopping", signal.Signals(signum).name)
+        elif signum == signal.SIGHUP:
+            log.info("SIGHUP received: reloading")
+            systemd.notify(
+                "RELOADING=1",
+                f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
+                "STATUS=reloading the configuration (ACL, audit log)",
+            )
+            await server.reload()
+            systemd.notify("READY=1", status)
+        else:
+            _stop(server, signum)
+
+
+def _stop(server: Server, signum: int) -> None:
+    log.info("%s received: stopping", signal.Signals(signum).name)
+    systemd.notify("STOPPING=1", "STATUS=stopping: finishing requests in flight")
+    server.stop()
 
 
 async def _ping_watchdog(period: float) -> None:

@@ -633,6 +633,56 @@ def test_live_bad_acl_at_reload_is_rejected_and_the_old_one_stays(acl_daemon: Da
         assert code_of(conn.ask(b"GET a/x")) == "DENIED"
 
 
+def test_live_sighup_reads_the_config_file_again(short_tmp: Path) -> None:
+    """SIGHUP reads --config again: its ACL and audit log are put in force together, or
+    neither; a bad config is rejected and the old one stays; flags still win."""
+    daemon = make_store(short_tmp / "d")
+    first_acl, second_acl = short_tmp / "acl1.toml", short_tmp / "acl2.toml"
+    first_acl.write_text(GET_A_CREATE_ALL)
+    second_acl.write_text(ENC_A_CREATE_ALL)
+    first_audit, second_audit = short_tmp / "audit1.log", short_tmp / "audit2.log"
+    config = short_tmp / "kmsd.toml"
+
+    def configure(*lines: str) -> None:
+        write_atomically(config, "\n".join(lines) + "\n")
+
+    def reload_and_wait(said: str) -> None:
+        seen = daemon.log.read_text().count(said)
+        daemon.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        wait_for(lambda: daemon.log.read_text().count(said) > seen, what=said)
+
+    configure(f'acl = "{first_acl}"', f'audit_log = "{first_audit}"')
+    daemon.extra_args = ["--config", str(config)]
+    enc = b"ENC a/x " + b64(b"plaintext")
+    with running(daemon), Conn(daemon.socket_path) as conn:
+        assert conn.ask(b"CREATE a/x exportable") == b"OK 1"
+        assert code_of(conn.ask(enc)) == "DENIED"
+
+        # An ACL that parses beside an audit log that cannot be opened: neither is taken.
+        configure(f'acl = "{second_acl}"', f'audit_log = "{short_tmp}/no/such/dir/audit.log"')
+        reload_and_wait("reload rejected")
+        assert code_of(conn.ask(enc)) == "DENIED"
+        configure("this is = not [ toml")
+        reload_and_wait("reload rejected")
+        assert code_of(conn.ask(enc)) == "DENIED"
+        assert b'"verb":"ENC"' in first_audit.read_bytes()
+
+        configure(f'acl = "{second_acl}"', f'audit_log = "{second_audit}"', "max_connections = 7")
+        reload_and_wait("reloaded: ACL")
+        assert code_of(conn.ask(enc)) == "OK"
+        assert code_of(conn.ask(b"GET a/x")) == "DENIED"
+        assert b'"verb":"GET"' in second_audit.read_bytes()
+        assert b'"verb":"GET"' not in first_audit.read_bytes()
+        assert "max_connections: in force only after a restart" in daemon.log.read_text()
+
+    # A flag wins over the file at a reload as at start.
+    daemon.extra_args = ["--config", str(config), "--acl", str(first_acl)]
+    with running(daemon), Conn(daemon.socket_path) as conn:
+        reload_and_wait("reloaded: ACL")
+        assert code_of(conn.ask(enc)) == "DENIED"
+        assert code_of(conn.ask(b"GET a/x")) == "OK"
+
+
 def assert_one_line_naming(result: subprocess.CompletedProcess[bytes], where: str) -> None:
     assert_fails(result, EXIT_CONFIG)
     assert where in result.stderr.decode(), result.stderr

@@ -356,6 +356,38 @@ def test_a_stalled_fifo_sink_freezes_nothing(short_tmp: Path) -> None:
         os.close(reader)
 
 
+def test_a_stalled_stderr_freezes_nothing(short_tmp: Path) -> None:
+    """journald that stops reading: the audit trail and the log both go to stderr, a pipe
+    nobody reads. The log's own lines blocked the daemon for good (SIGTERM unheeded)."""
+    daemon = make_store(short_tmp / "d")
+    read_end, write_end = os.pipe()  # held open, never read
+    try:
+        process = subprocess.Popen(
+            daemon.command(), stdout=write_end, stderr=write_end, stdin=subprocess.DEVNULL
+        )
+        daemon.process = process
+        deadline = time.monotonic() + 30
+        while not os.path.exists(daemon.socket_path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with Conn(daemon.socket_path) as conn:
+            for number in range(300):  # each CREATE logs a line; each request an audit line
+                assert conn.ask(b"CREATE s/k%d" % number) == b"OK 1"
+                assert conn.ask(b"PING") == b"OK PONG"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        daemon.process = None
+        os.set_blocking(read_end, False)
+        said = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_end, 1 << 16):
+                said += chunk
+        assert len(said) >= 50_000  # the pipe filled up: the reader really stalled
+    finally:
+        daemon.discard()
+        os.close(read_end)
+        os.close(write_end)
+
+
 def test_an_over_long_line_is_audited_with_its_verb_and_size(short_tmp: Path) -> None:
     daemon = audited_daemon(short_tmp / "d", "--max-line", "200")
     with running(daemon):

@@ -537,6 +537,31 @@ def test_signal_exits_0_and_removes_the_socket(daemon: Daemon, sig: signal.Signa
     assert not os.path.lexists(daemon.socket_path)
 
 
+@pytest.mark.parametrize(
+    "signals",
+    [(signal.SIGTERM, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT), (signal.SIGINT,) * 2],
+    ids=["TERM-TERM", "TERM-INT", "INT-INT"],
+)
+def test_a_second_signal_while_stopping_changes_nothing(
+    start_daemon: Callable[..., Daemon], signals: tuple[signal.Signals, ...]
+) -> None:
+    """It killed the daemon (status -15, socket left) or made it exit 130: trio handed the
+    pending signal back to the default action as its receiver closed."""
+    daemon = start_daemon("--grace-period", "1")
+    assert daemon.process is not None
+    with Conn(daemon.socket_path) as stalled:
+        stalled.send(b"INFO x\n" * 40_000)  # never reads its replies: the stop takes the grace
+        time.sleep(0.3)
+        for sig in signals:
+            daemon.process.send_signal(sig)
+            time.sleep(0.2)
+        assert wait_exit(daemon) == 0
+    assert not os.path.lexists(daemon.socket_path)
+    log = daemon.log.read_text()
+    assert "received: already stopping" in log
+    assert log.rstrip().endswith("stopped")
+
+
 def test_request_in_flight_at_sigterm_is_answered(daemon: Daemon) -> None:
     with Conn(daemon.socket_path) as conn:
         assert conn.ask(b"PING") == b"OK PONG"

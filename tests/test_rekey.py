@@ -500,6 +500,24 @@ def test_online_rekey_to_a_passphrase_and_back(fresh: KekDaemon) -> None:
         check_via_socket(daemon.socket_path, samples)
 
 
+def test_a_rekey_applied_after_the_grace_period_is_still_answered(fresh: KekDaemon) -> None:
+    """REKEY is not repeatable: applied while the daemon stopped, past its grace period,
+    its reply was dropped (the client saw EOF and could not tell it had happened)."""
+    daemon = fresh
+    daemon.extra_args = ["--grace-period", "1"]
+    slow = python_command("import time; time.sleep(3); print('slow passphrase')")
+    with running(daemon), Conn(daemon.socket_path) as conn:
+        assert conn.ask(b"PING") == b"OK PONG"
+        conn.send(b"REKEY passphrase " + b64(slow.encode()) + b"\n")
+        time.sleep(0.5)
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        assert conn.reply() == b"OK 2"
+        assert conn.read_until_closed() == b""
+        assert daemon.process.wait(20) == 0
+    assert generations(daemon.store) == ["gen-2"]
+
+
 # --------------------------------------------------------------------------- repair
 
 

@@ -41,7 +41,7 @@ from kms_server.kek import (
 )
 from kms_server.keys import CREATING, KeyVersion, VersionUsage
 from kms_server.maintenance import verify
-from kms_server.server import AccessControl, Limits, Server
+from kms_server.server import AccessControl, Limits, Reloaded, Server
 from kms_server.store import (
     ERASING_NAME,
     KEYS_DIR,
@@ -1046,6 +1046,7 @@ def test_an_automatic_rotation_that_keeps_failing_is_logged_once(
             Limits(rotation_check_interval=0.01),
             AccessControl(Acl.owner_only(os.getuid()), None),
             AuditLog(None),
+            lambda: Reloaded(Acl.owner_only(os.getuid()), None, None),
         )
 
         async def rotate_until_it_works() -> None:
