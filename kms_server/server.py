@@ -253,7 +253,8 @@ class Server:
         The audit log is opened afresh even at an unchanged path (logrotate moved it).
         """
         try:
-            reloaded = await trio.to_thread.run_sync(self._reread)
+            # Abandoned at a stop: reading files changes nothing, and one may never answer.
+            reloaded = await trio.to_thread.run_sync(self._reread, abandon_on_cancel=True)
             sink = self._audit.open_sink(reloaded.audit_path)
         except (ReloadRejected, AuditError) as error:
             log.error("reload rejected, the previous ACL and audit log stay in force: %s", error)
@@ -741,18 +742,22 @@ async def run(
                 period = systemd.watchdog_period()
                 if period is not None:
                     helpers.start_soon(_ping_watchdog, period)
-                helpers.start_soon(_obey_signals, server, signals, status)
+                helpers.start_soon(_obey_signals, server, signals, status, helpers)
                 if latch is not None and latch.caught is not None:
                     _stop(server, latch.caught)  # it came while we started
                 task_status.started()
             helpers.cancel_scope.cancel()  # serve() returned: stopped and drained
 
 
-async def _obey_signals(server: Server, signals: AsyncIterator[int], status: str) -> None:
-    async for signum in signals:
-        if server.stopping:
-            log.info("%s received: already stopping", signal.Signals(signum).name)
-        elif signum == signal.SIGHUP:
+async def _obey_signals(
+    server: Server, signals: AsyncIterator[int], status: str, helpers: trio.Nursery
+) -> None:
+    """Act on each signal; a reload runs beside, so a SIGTERM is obeyed meanwhile (a
+    config file on a hung mount must not keep the daemon from stopping)."""
+    reloading = trio.Lock()
+
+    async def reload() -> None:
+        async with reloading:
             log.info("SIGHUP received: reloading")
             systemd.notify(
                 "RELOADING=1",
@@ -761,8 +766,16 @@ async def _obey_signals(server: Server, signals: AsyncIterator[int], status: str
             )
             await server.reload()
             systemd.notify("READY=1", status)
-        else:
+
+    async for signum in signals:
+        if server.stopping:
+            log.info("%s received: already stopping", signal.Signals(signum).name)
+        elif signum != signal.SIGHUP:
             _stop(server, signum)
+        elif reloading.locked():
+            log.info("SIGHUP received: a reload is already under way")
+        else:
+            helpers.start_soon(reload)
 
 
 def _stop(server: Server, signum: int) -> None:

@@ -683,6 +683,27 @@ def test_live_sighup_reads_the_config_file_again(short_tmp: Path) -> None:
         assert code_of(conn.ask(b"GET a/x")) == "OK"
 
 
+def test_a_reload_that_never_ends_does_not_keep_the_daemon_from_stopping(
+    short_tmp: Path,
+) -> None:
+    """A config file that never answers (a FIFO here; a hung mount in life): SIGTERM is
+    still obeyed while the reload waits."""
+    daemon = make_store(short_tmp / "d")
+    config = short_tmp / "kmsd.toml"
+    config.write_text("max_connections = 9\n")
+    daemon.extra_args = ["--config", str(config)]
+    with running(daemon):
+        config.unlink()
+        os.mkfifo(config)
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP received" in daemon.log.read_text(), what="the reload")
+        assert ask(daemon.socket_path, b"PING") == b"OK PONG"
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(10) == 0
+        daemon.process = None
+
+
 def assert_one_line_naming(result: subprocess.CompletedProcess[bytes], where: str) -> None:
     assert_fails(result, EXIT_CONFIG)
     assert where in result.stderr.decode(), result.stderr
