@@ -31,7 +31,10 @@ class PolledSink:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._stream = not stat.S_ISREG(os.fstat(fd).st_mode)
+        try:
+            self._stream = not stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:  # closed (kmsd 2>&-): every write fails, and is dropped
+            self._stream = False
         self._poller = select.poll()
         self._poller.register(fd, select.POLLOUT)
         #: The last write stopped inside a line: the next one starts by ending it.
