@@ -42,6 +42,10 @@ from typing import Any
 
 from kms_client.errors import KmsError
 from kms_client.protocol import VERBS, Request, validate_key_id
+from kms_server.files import read_small_text_file
+
+#: An ACL is a few rules; more than this is not one (a device such as /dev/zero).
+MAX_ACL_SIZE = 1 << 20
 
 #: Verbs every peer may send: they touch no key.
 ALWAYS_ALLOWED = frozenset({"PING", "HELLO", "HELP", "QUIT"})
@@ -157,11 +161,10 @@ class Acl:
     def load(cls, path: Path) -> Acl:
         """Read and parse an ACL file; one that every user may write grants nothing."""
         try:
-            with path.open("rb") as file:
-                mode = os.fstat(file.fileno()).st_mode
-                data = file.read()
+            status, data = read_small_text_file(path, MAX_ACL_SIZE)
         except OSError as exc:
             raise AclError(f"cannot read ACL {path}: {exc.strerror}") from None
+        mode = status.st_mode
         if stat.S_ISREG(mode) and mode & stat.S_IWOTH:
             raise AclError(
                 f"ACL {path} is writable by every user (mode {stat.S_IMODE(mode):04o}), "

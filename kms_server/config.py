@@ -35,11 +35,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from kms_server.files import read_small_text_file
 from kms_server.kek import DEFAULT_COMMAND_TIMEOUT, KekFile, KekSource, PassphraseCommand
 from kms_server.server import Limits
 from kms_server.transit import DEFAULT_START_TIMEOUT, TransitSource
 
 DEFAULT_SOCKET = Path("/run/kms/kms.sock")
+#: A config is a few settings; more than this is not one (a device such as /dev/zero).
+MAX_CONFIG_SIZE = 1 << 20
 #: The limits' defaults live in :class:`Limits`; settings start from them.
 _LIMITS = Limits()
 
@@ -216,9 +219,12 @@ def load(config_file: Path | None, overrides: dict[str, Any]) -> Settings:
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
-            document = tomllib.loads(config_file.read_text())
+            _, data = read_small_text_file(config_file, MAX_CONFIG_SIZE)
+            document = tomllib.loads(data.decode())
         except OSError as exc:
             raise ConfigError(f"cannot read config {config_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {config_file} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {config_file} is not valid TOML: {exc}") from None
         for name, value in document.items():

@@ -1,6 +1,6 @@
 # Durable file primitives: atomic no-clobber writes, atomic replacement, fsync'ed directories.
 # Knows nothing of keys or formats; every caller that must survive a crash writes through here.
-"""Atomic and durable file writes.
+"""Atomic and durable file writes, and bounded reads of small files.
 
 A write goes to a temporary file (named with our pid, so a crash's leftovers can
 be told from a write in progress), is fsync'ed, then linked (no clobber) or
@@ -11,12 +11,41 @@ any instant leaves the old state or the new one, never a torn file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import uuid
 from pathlib import Path
 
 log = logging.getLogger("kmsd.files")
+
+
+def read_small_text_file(path: Path, limit: int) -> tuple[os.stat_result, bytes]:
+    """The status and contents of a small file an operator names (a config, an ACL).
+
+    Never hangs and never fills memory: a FIFO with no writer reads as empty, one
+    whose writer says nothing and a device that never ends (``/dev/zero``) are an
+    ``OSError``. The status is the open file's, for a mode check on what was read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        status = os.fstat(fd)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            try:
+                chunk = os.read(fd, limit + 1 - size)
+            except BlockingIOError:
+                raise OSError(errno.EAGAIN, "it delivers nothing (a FIFO?)") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+    return status, b"".join(chunks)
 
 
 def fsync_directory(path: Path) -> None:

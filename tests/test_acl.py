@@ -322,6 +322,30 @@ def test_a_byte_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
         Acl.load(path)
 
 
+@pytest.mark.parametrize("kind", ["device", "fifo", "fifo with a silent writer"])
+def test_an_acl_that_never_ends_or_never_delivers_is_refused_at_once(
+    tmp_path: Path, kind: str
+) -> None:
+    """/dev/zero filled memory, a FIFO hung the start (or a reload) for good."""
+    path = Path("/dev/zero") if kind == "device" else tmp_path / "acl.fifo"
+    writer = None
+    if kind != "device":
+        os.mkfifo(path)
+        if kind == "fifo with a silent writer":
+            reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            writer = os.open(path, os.O_WRONLY)
+            os.close(reader)
+    try:
+        if kind == "fifo":  # empty: no rule grants anything, as an empty file
+            assert Acl.load(path).rules == ()
+        else:
+            with pytest.raises(AclError, match=f"cannot read ACL {path}"):
+                Acl.load(path)
+    finally:
+        if writer is not None:
+            os.close(writer)
+
+
 def test_a_duplicate_field_names_its_line() -> None:
     text = toml("[[allow]]", "users = [0]", 'keys = ["*"]', "users = [1]", 'operations = ["get"]')
     assert error_line(text) == 4

@@ -155,6 +155,19 @@ def test_usage_errors_are_one_line(short_tmp: Path) -> None:
         assert result.stderr.startswith(b"kmsd: error: ")
 
 
+def test_a_config_that_is_no_text_file_is_a_one_line_error(short_tmp: Path) -> None:
+    """/dev/zero filled memory; bytes that are not UTF-8 were a traceback."""
+    latin = short_tmp / "latin1.toml"
+    latin.write_bytes(b"# caf\xe9\n")
+    results = kmsd_all(
+        ["check-config", "--config", "/dev/zero"],
+        ["check-config", "--config", str(latin)],
+    )
+    for result in results:
+        assert_fails(result, EXIT_CONFIG)
+        assert result.stderr.startswith(b"kmsd: error: ")
+
+
 def test_unreadable_or_malformed_kek_file(short_tmp: Path) -> None:
     store = short_tmp / "store"
     (short_tmp / "short").write_bytes(b"abc\n")
