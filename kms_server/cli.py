@@ -408,7 +408,25 @@ def settings_from(config_file: Path | None, options: dict[str, Any]) -> Settings
 def serve(config_file: Path | None, dev: bool, verbose: bool, **options: Any) -> None:
     """Serve protocol v1 on a Unix socket until SIGTERM or SIGINT (SIGHUP reloads)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload request during start-up is moot
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_while_starting)
     setup_logging(verbose)
+    try:
+        start_and_serve(config_file, dev, options)
+    except StoppedWhileStarting as stop:
+        log.info("%s received while starting: stopped", stop)
+
+
+class StoppedWhileStarting(BaseException):
+    """SIGTERM or SIGINT before the socket is served: unwinds start-up (a passphrase
+    command is ended, the KEK wiped) to a clean exit 0."""
+
+
+def stop_while_starting(signum: int, frame: object) -> None:
+    raise StoppedWhileStarting(signal.Signals(signum).name)
+
+
+def start_and_serve(config_file: Path | None, dev: bool, options: dict[str, Any]) -> None:
     with one_line_errors():
         if dev:
             for line in (
@@ -545,13 +563,14 @@ def serve_store(
     source: KekSource,
     reread: Callable[[], Reloaded],
 ) -> None:
-    audit = AuditLog(settings.audit_log)
-    inherited = systemd.inherited_listener()
-    listener = inherited or bind_unix_socket(settings.socket, settings.socket_mode)
-    # A socket systemd passed us is systemd's: we neither chmod nor remove it.
-    bound = None if inherited else os.lstat(settings.socket)
-    watch = watch_transit(settings, source)
-    with SignalLatch() as latch:  # held until the socket is removed
+    # From here a SIGTERM is latched, not raised: the socket bound below is removed.
+    with SignalLatch() as latch:
+        audit = AuditLog(settings.audit_log)
+        inherited = systemd.inherited_listener()
+        listener = inherited or bind_unix_socket(settings.socket, settings.socket_mode)
+        # A socket systemd passed us is systemd's: we neither chmod nor remove it.
+        bound = None if inherited else os.lstat(settings.socket)
+        watch = watch_transit(settings, source)
         try:
             rekeyer = online_rekeyer(store, settings.passphrase_timeout)
             dispatcher = Dispatcher(

@@ -248,6 +248,38 @@ def test_passphrase_store_end_to_end(short_tmp: Path) -> None:
     assert not socket_path.exists()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_starting_is_a_clean_exit(short_tmp: Path, sig: signal.Signals) -> None:
+    """A stop while the passphrase command runs (systemctl stop during a slow start): the
+    command is ended, nothing is bound, exit 0 and a log line (it was death by SIGTERM)."""
+    store, socket_path = short_tmp / "store", short_tmp / "kms.sock"
+    words = python_command("print('slow to come')")
+    assert kmsd("init", "--store", store, "--passphrase-command", words).returncode == 0
+    marker = short_tmp / "command-ran"
+    slow = python_command(
+        f"import os, pathlib, time; pathlib.Path({str(marker)!r}).write_text(str(os.getpid()));"
+        " time.sleep(30)"
+    )
+    process = subprocess.Popen(
+        [*KMSD, "serve", "--store", str(store), "--socket", str(socket_path),
+         "--passphrase-command", slow],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    command_pid = int(marker.read_text())
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0, stderr
+    assert f"{sig.name} received while starting: stopped".encode() in stderr
+    assert b"Traceback" not in stderr
+    assert not socket_path.exists()
+    with pytest.raises(ProcessLookupError):  # the command was ended (and reaped) with it
+        os.kill(command_pid, 0)
+
+
 def test_file_store_refuses_a_passphrase_source(short_tmp: Path) -> None:
     daemon = make_store(short_tmp / "d")
     assert_fails(
