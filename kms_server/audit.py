@@ -37,6 +37,7 @@ the next one, so the lines after it are whole JSON objects (the cut one is not).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -46,7 +47,7 @@ import time
 from pathlib import Path
 
 from kms_server.acl import Peer
-from kms_server.sink import SINK_STALL_SECONDS, STDERR_FD, PolledSink
+from kms_server.sink import SINK_STALL_SECONDS, STDERR_FD, PolledSink, stderr_sink
 
 log = logging.getLogger("kmsd.audit")
 
@@ -55,6 +56,10 @@ _TAILS = tuple(f'"us":{micros}}}\n' for micros in range(1000))
 #: "000" to "999": a time's microseconds as two lookups (``{:06d}`` cost 1,600 instructions more).
 _DIGITS = tuple(f"{number:03d}" for number in range(1000))
 _NANOS_PER_SECOND = 1_000_000_000
+
+
+def sink_for(fd: int) -> PolledSink:
+    return stderr_sink() if fd == STDERR_FD else PolledSink(fd)
 
 
 class AuditError(Exception):
@@ -67,7 +72,7 @@ class AuditLog:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._fd = self.open_sink(path)
-        self._sink = PolledSink(self._fd)
+        self._sink = sink_for(self._fd)
         self._failing = False
         #: The current second (in ns since the epoch), when the next begins, and the
         #: start of a line's time up to its microseconds: ``{"time":"2026-11-22T16:40:00.``
@@ -99,9 +104,10 @@ class AuditLog:
         """Write to ``fd`` from :meth:`open_sink` from now on (a reload: a new path, or a
         fresh file at the same path after log rotation); the previous file is closed."""
         old_path, old_fd = self.path, self._fd
-        self.path, self._fd, self._sink = path, fd, PolledSink(fd)
+        self.path, self._fd, self._sink = path, fd, sink_for(fd)
         if old_path is not None:
-            os.close(old_fd)
+            with contextlib.suppress(OSError):  # EIO on a network file system: written already
+                os.close(old_fd)
 
     def close(self) -> None:
         if self.path is not None and self._fd >= 0:

@@ -474,11 +474,15 @@ def check_config(config_file: Path | None, **options: Any) -> None:
             return
         read_metadata(settings.require_store())
         settings.kek_source()
+        transit = settings.kek_transit is not None  # its credentials are read only then
         for what, path in (
             ("KEK file", settings.kek_file),
-            ("Transit token file", settings.transit_token_file),
-            ("Transit AppRole role-id file", settings.transit_role_id_file),
-            ("Transit AppRole secret-id file", settings.transit_secret_id_file),
+            ("Transit token file", settings.transit_token_file if transit else None),
+            ("Transit AppRole role-id file", settings.transit_role_id_file if transit else None),
+            (
+                "Transit AppRole secret-id file",
+                settings.transit_secret_id_file if transit else None,
+            ),
         ):
             if path is not None and not os.access(path, os.R_OK):
                 raise KekError(f"cannot read {what} {path}")

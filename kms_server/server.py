@@ -70,6 +70,8 @@ RECEIVE_SIZE = 256 * 1024
 LAST_CALL = 0.2
 #: How long the reply to a write applied during a stop may take to send, grace or not.
 WRITE_REPLY_TIMEOUT = 1.0
+#: How long a reload (SIGHUP) may take to read the configuration before it is rejected.
+RELOAD_TIMEOUT = 10.0
 #: The most an idle-timeout deadline may run late (and at most 1/16 of the timeout).
 MAX_SLACK = 1.0
 #: How long one connection's batch may hold the event loop before it lets others run
@@ -236,6 +238,9 @@ class Server:
         self._stopping = False
         self._stop_requested = trio.Event()
         self._waiting_for_input: set[trio.CancelScope] = set()
+        #: Sends of replies to applied writes: shielded from the stop, bounded by it.
+        self._answering: set[trio.CancelScope] = set()
+        self._grace_end = -math.inf
 
     @property
     def stopping(self) -> bool:
@@ -252,13 +257,24 @@ class Server:
 
         The audit log is opened afresh even at an unchanged path (logrotate moved it).
         """
-        try:
-            # Abandoned at a stop: reading files changes nothing, and one may never answer.
-            reloaded = await trio.to_thread.run_sync(self._reread, abandon_on_cancel=True)
-            sink = self._audit.open_sink(reloaded.audit_path)
+
+        def load() -> tuple[Reloaded, int]:
+            reloaded = self._reread()
+            return reloaded, self._audit.open_sink(reloaded.audit_path)
+
+        loaded = None
+        why = f"the configuration did not load within {RELOAD_TIMEOUT:g} s"
+        try:  # in a thread, given up at the timeout: a file on a hung mount never answers
+            with trio.move_on_after(RELOAD_TIMEOUT):
+                loaded = await trio.to_thread.run_sync(load, abandon_on_cancel=True)
         except (ReloadRejected, AuditError) as error:
-            log.error("reload rejected, the previous ACL and audit log stay in force: %s", error)
+            why = str(error)
+        except Exception as error:  # a reload must never stop the daemon
+            why = f"the configuration could not be read ({type(error).__name__})"
+        if loaded is None:
+            log.error("reload rejected, the previous ACL and audit log stay in force: %s", why)
             return
+        reloaded, sink = loaded
         self._access.use(reloaded.acl, reloaded.acl_path)
         self._audit.use_sink(reloaded.audit_path, sink)
         log.info(
@@ -287,7 +303,10 @@ class Server:
             last_call = trio.current_time() + LAST_CALL
             for scope in self._waiting_for_input:
                 scope.deadline = min(scope.deadline, last_call)
-            connections.cancel_scope.deadline = trio.current_time() + self._limits.grace_period
+            self._grace_end = trio.current_time() + self._limits.grace_period
+            for scope in self._answering:  # a write's reply: sent past the grace, briefly
+                scope.deadline = min(scope.deadline, self._grace_end + WRITE_REPLY_TIMEOUT)
+            connections.cancel_scope.deadline = self._grace_end
         self._counter_failures.forget(_COUNTERS)  # a failure now is said again, and is final
         await self.flush_counters()
         if self._counter_failures.is_failing(_COUNTERS):
@@ -568,9 +587,9 @@ class Server:
                                         request, trio.to_thread.run_sync
                                     )
                             head = audit_head(audit_prefix)
-                            # Stopping, the grace period may end before this batch does, and
-                            # an applied write must be answered: its reply goes out now.
-                            must_answer = self._stopping
+                            # An applied write must be answered, even if the stop's grace
+                            # period ends before this batch does: its reply goes out now.
+                            must_answer = True
                         else:
                             reply, version = respond(request)
                             closing = type(request) is Quit
@@ -592,14 +611,25 @@ class Server:
                     if must_answer:  # on record, then sent, the grace period's end or not
                         audit.write(trail)
                         trail = []
+                        now = current_time()
                         with trio.CancelScope(shield=True) as answering:
-                            answering.deadline = current_time() + WRITE_REPLY_TIMEOUT
+                            answering.deadline = (
+                                max(now, self._grace_end) + WRITE_REPLY_TIMEOUT
+                                if self._stopping
+                                else now + timeout
+                            )
+                            self._answering.add(answering)
+                            sending = True
                             try:
                                 await send_from(send, b"".join(replies), 0)
                             except OSError:  # EPIPE, ECONNRESET: the client went away
                                 return
+                            finally:
+                                self._answering.discard(answering)
                         if answering.cancelled_caught:  # it does not read: close
+                            log.info("closing a connection that stopped reading its replies")
                             return
+                        sending = False
                         replies = []
                         pending = 0
                         must_answer = False

@@ -18,6 +18,7 @@ import logging
 import os
 import select
 import stat
+import threading
 import time
 
 STDERR_FD = 2
@@ -27,10 +28,16 @@ _LF = ord("\n")
 
 
 class PolledSink:
-    """Writes to one descriptor, polled first when it is not a regular file."""
+    """Writes to one descriptor, polled first when it is not a regular file.
+
+    Thread-safe: a write is whole under a lock, so a log line from a worker thread never
+    lands inside an audit batch. Stderr has one shared instance (:func:`stderr_sink`), so
+    a line the audit trail left cut short is ended before the next log line too.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self._lock = threading.Lock()
         try:
             self._stream = not stat.S_ISREG(os.fstat(fd).st_mode)
         except OSError:  # closed (kmsd 2>&-): every write fails, and is dropped
@@ -43,6 +50,10 @@ class PolledSink:
     def write(self, data: bytes, patience: float) -> None:
         """Write ``data`` whole, or raise ``OSError`` (``BlockingIOError`` when a stream
         took nothing for ``patience`` seconds)."""
+        with self._lock:
+            self._write(data, patience)
+
+    def _write(self, data: bytes, patience: float) -> None:
         if self._torn:
             data = b"\n" + data
         written = 0
@@ -67,6 +78,17 @@ class PolledSink:
         self._torn = False
 
 
+_stderr: PolledSink | None = None
+
+
+def stderr_sink() -> PolledSink:
+    """The one sink on stderr, shared by the audit trail (its default) and the log."""
+    global _stderr  # noqa: PLW0603 - one per process, made on first use
+    if _stderr is None:
+        _stderr = PolledSink(STDERR_FD)
+    return _stderr
+
+
 class StderrLogHandler(logging.Handler):
     """The daemon's log on stderr, never blocking for long (a stalled journald stream).
 
@@ -76,7 +98,7 @@ class StderrLogHandler(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__()
-        self._sink = PolledSink(STDERR_FD)
+        self._sink = stderr_sink()
         self._lost = 0
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -689,6 +689,12 @@ def test_live_sighup_reads_the_config_file_again(short_tmp: Path) -> None:
         configure("this is = not [ toml")
         reload_and_wait("reload rejected")
         assert code_of(conn.ask(enc)) == "DENIED"
+        # Neither crashed the daemon (it exited 1): bytes that are not UTF-8, a NUL in a path.
+        config.write_bytes(b"# caf\xe9\n")
+        reload_and_wait("reload rejected")
+        configure(f'acl = "{second_acl}"', 'audit_log = "/tmp/x\\u0000y"')
+        reload_and_wait("reload rejected")
+        assert code_of(conn.ask(enc)) == "DENIED"
         assert b'"verb":"ENC"' in first_audit.read_bytes()
 
         configure(f'acl = "{second_acl}"', f'audit_log = "{second_audit}"', "max_connections = 7")

@@ -388,6 +388,49 @@ def test_a_stalled_stderr_freezes_nothing(short_tmp: Path) -> None:
         os.close(write_end)
 
 
+def test_a_log_line_after_a_cut_audit_line_starts_a_line_of_its_own(short_tmp: Path) -> None:
+    """The audit trail and the log share stderr: a log line written after an audit line
+    the stalled reader cut short was glued onto it."""
+    daemon = make_store(short_tmp / "d")
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    said = bytearray()
+
+    def drain() -> None:
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_end, 1 << 16):
+                said.extend(chunk)
+
+    try:
+        process = subprocess.Popen(daemon.command(), stderr=write_end, stdin=subprocess.DEVNULL)
+        daemon.process = process
+        deadline = time.monotonic() + 30
+        while not os.path.exists(daemon.socket_path) and time.monotonic() < deadline:
+            drain()
+            time.sleep(0.01)
+        with Conn(daemon.socket_path) as conn:
+            for _ in range(40):  # nobody reads stderr meanwhile: audit batches get cut
+                conn.send(b"PING\n" * 300)
+                for _ in range(300):
+                    assert conn.reply() == b"OK PONG"
+            drain()  # read again
+            assert conn.ask(b"CREATE s/after") == b"OK 1"  # logs a line
+            time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        daemon.process = None
+        drain()
+    finally:
+        daemon.discard()
+        os.close(read_end)
+        os.close(write_end)
+    lines = bytes(said).splitlines()
+    assert any(line.endswith(b"log lines were lost while stderr was not read") for line in lines)
+    glued = [line for line in lines if line.startswith(b"{") and b"lost while stderr" in line]
+    glued += [line for line in lines if b" kmsd[" in line and not line.startswith(b"20")]
+    assert glued == []
+
+
 def test_an_over_long_line_is_audited_with_its_verb_and_size(short_tmp: Path) -> None:
     daemon = audited_daemon(short_tmp / "d", "--max-line", "200")
     with running(daemon):

@@ -518,6 +518,31 @@ def test_a_rekey_applied_after_the_grace_period_is_still_answered(fresh: KekDaem
     assert generations(daemon.store) == ["gen-2"]
 
 
+def test_a_write_applied_before_the_stop_is_answered_whatever_follows_it(
+    fresh: KekDaemon,
+) -> None:
+    """B's REKEY is applied, then its next request waits for the write lock behind A's
+    slow REKEY while the grace period ends: B's reply was in its unsent batch, dropped."""
+    daemon = fresh
+    daemon.extra_args = ["--grace-period", "0.5"]
+
+    def sleeping(seconds: float) -> bytes:
+        command = python_command(f"import time; time.sleep({seconds}); print('pass {seconds}')")
+        return b"REKEY passphrase " + b64(command.encode()) + b"\n"
+
+    with running(daemon), Conn(daemon.socket_path) as b, Conn(daemon.socket_path) as a:
+        assert b.ask(b"CREATE k1") == b"OK 1"
+        b.send(sleeping(1) + b"ROTATE k1\n")
+        time.sleep(0.3)
+        a.send(sleeping(3))
+        time.sleep(1.5)
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        assert b.reply() == b"OK 2"
+        assert a.reply() == b"OK 3"
+        assert daemon.process.wait(20) == 0
+
+
 # --------------------------------------------------------------------------- repair
 
 
