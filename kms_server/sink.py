@@ -51,31 +51,31 @@ class PolledSink:
         """Write ``data`` whole, or raise ``OSError`` (``BlockingIOError`` when a stream
         took nothing for ``patience`` seconds)."""
         with self._lock:
-            self._write(data, patience)
-
-    def _write(self, data: bytes, patience: float) -> None:
-        if self._torn:
-            data = b"\n" + data
-        written = 0
-        try:
-            if self._stream:
-                deadline = time.monotonic() + patience
-                with memoryview(data) as view:
-                    while written < len(data):
-                        if not self._poller.poll(0):
-                            remaining = deadline - time.monotonic()
-                            if remaining <= 0 or not self._poller.poll(remaining * 1000):
-                                raise BlockingIOError(errno.EAGAIN, "the reader stopped reading")
-                        written += os.write(self.fd, view[written : written + select.PIPE_BUF])
-            else:
-                written = os.write(self.fd, data)
-                while written < len(data):  # a signal or a full disk cut it short
-                    written += os.write(self.fd, memoryview(data)[written:])
-        except OSError:
-            if written:  # did it stop inside a line?
-                self._torn = data[written - 1] != _LF
-            raise
-        self._torn = False
+            if self._torn:
+                data = b"\n" + data
+            written = 0
+            try:
+                if self._stream:
+                    deadline = time.monotonic() + patience
+                    with memoryview(data) as view:
+                        while written < len(data):
+                            if not self._poller.poll(0):
+                                remaining = deadline - time.monotonic()
+                                if remaining <= 0 or not self._poller.poll(remaining * 1000):
+                                    raise BlockingIOError(
+                                        errno.EAGAIN, "the reader stopped reading"
+                                    )
+                            piece = view[written : written + select.PIPE_BUF]
+                            written += os.write(self.fd, piece)
+                else:
+                    written = os.write(self.fd, data)
+                    while written < len(data):  # a signal or a full disk cut it short
+                        written += os.write(self.fd, memoryview(data)[written:])
+            except OSError:
+                if written:  # did it stop inside a line?
+                    self._torn = data[written - 1] != _LF
+                raise
+            self._torn = False
 
 
 _stderr: PolledSink | None = None
