@@ -98,6 +98,8 @@ class AuditLog:
         except OSError as exc:
             why = "nothing reads that FIFO" if exc.errno == errno.ENXIO else exc.strerror
             raise AuditError(f"cannot open audit log {path}: {why}") from None
+        except ValueError:  # an embedded NUL
+            raise AuditError("cannot open the audit log: its path holds a NUL byte") from None
         return fd
 
     def use_sink(self, path: Path | None, fd: int) -> None:

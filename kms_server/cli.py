@@ -242,8 +242,25 @@ class KmsdGroup(OneLineUsageGroup):
 @click.version_option(__version__, prog_name="kmsd")
 def main() -> None:
     """kmsd: a key-management daemon; the KEK stays here, clients ask over a Unix socket."""
+    hold_standard_descriptors()
     for warning in forbid_core_dumps():  # before any command reads a KEK
         click.echo(f"kmsd: warning: {warning}", err=True)
+
+
+def hold_standard_descriptors() -> None:
+    """Put ``/dev/null`` on each of descriptors 0, 1 and 2 that is closed (``kmsd 2>&-``).
+
+    Otherwise the next file opened takes the free number, and what is written to
+    stderr (the log, the default audit trail) would go into it: the store's lock file.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: ``fd``
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 @main.command()
@@ -408,13 +425,14 @@ def settings_from(config_file: Path | None, options: dict[str, Any]) -> Settings
 def serve(config_file: Path | None, dev: bool, verbose: bool, **options: Any) -> None:
     """Serve protocol v1 on a Unix socket until SIGTERM or SIGINT (SIGHUP reloads)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload request during start-up is moot
+    stop = StopWhileStarting()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop_while_starting)
+        signal.signal(signum, stop.handle)
     setup_logging(verbose)
     try:
-        start_and_serve(config_file, dev, options)
-    except StoppedWhileStarting as stop:
-        log.info("%s received while starting: stopped", stop)
+        start_and_serve(config_file, dev, options, stop)
+    except StoppedWhileStarting as stopped:
+        log.info("%s received while starting: stopped", stopped)
 
 
 class StoppedWhileStarting(BaseException):
@@ -422,11 +440,26 @@ class StoppedWhileStarting(BaseException):
     command is ended, the KEK wiped) to a clean exit 0."""
 
 
-def stop_while_starting(signum: int, frame: object) -> None:
-    raise StoppedWhileStarting(signal.Signals(signum).name)
+class StopWhileStarting:
+    """The SIGTERM/SIGINT handler until the daemon serves: raise :class:`StoppedWhileStarting`
+    where start-up is, and remember it, for a raise inside a ``__del__`` is only printed:
+    :meth:`check` raises it again before the socket is bound."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        self.check()
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise StoppedWhileStarting(signal.Signals(self.signum).name)
 
 
-def start_and_serve(config_file: Path | None, dev: bool, options: dict[str, Any]) -> None:
+def start_and_serve(
+    config_file: Path | None, dev: bool, options: dict[str, Any], stop: StopWhileStarting
+) -> None:
     with one_line_errors():
         if dev:
             for line in (
@@ -448,13 +481,16 @@ def start_and_serve(config_file: Path | None, dev: bool, options: dict[str, Any]
         source = settings.kek_source()
         store_handle = open_store(settings, source)
         warn_if_exposed(source, log.warning)
-        try:
-            if dev:
-                ensure_demo_key(store_handle)
-            reread = rereader(config_file, options, settings)
-            serve_store(settings, store_handle, access, source, reread)
-        finally:
-            store_handle.close()
+        # From here a SIGTERM is latched, not raised: the socket is removed, the keys wiped.
+        with SignalLatch() as latch:
+            try:
+                stop.check()
+                if dev:
+                    ensure_demo_key(store_handle)
+                reread = rereader(config_file, options, settings)
+                serve_store(settings, store_handle, access, source, reread, latch)
+            finally:
+                store_handle.close()
 
 
 @main.command("check-config")
@@ -566,47 +602,46 @@ def serve_store(
     access: AccessControl,
     source: KekSource,
     reread: Callable[[], Reloaded],
+    latch: SignalLatch,
 ) -> None:
-    # From here a SIGTERM is latched, not raised: the socket bound below is removed.
-    with SignalLatch() as latch:
-        audit = AuditLog(settings.audit_log)
-        inherited = systemd.inherited_listener()
-        listener = inherited or bind_unix_socket(settings.socket, settings.socket_mode)
-        # A socket systemd passed us is systemd's: we neither chmod nor remove it.
-        bound = None if inherited else os.lstat(settings.socket)
-        watch = watch_transit(settings, source)
-        try:
-            rekeyer = online_rekeyer(store, settings.passphrase_timeout)
-            dispatcher = Dispatcher(
-                store, __version__, rekeyer, (lambda: watch.status) if watch else (lambda: "ok")
-            )
-            server = Server(dispatcher, listener, settings.limits(), access, audit, reread)
-            # Where clients (and `kmsd rekey`) reach us: a socket systemd passed is wherever
-            # its ListenStream= put it, whatever our configuration says.
-            serving = Path(listener.getsockname()) if inherited else settings.socket
-            store.announce(serving)
-            mode = (
-                "passed by systemd, mode per SocketMode="
-                if inherited
-                else f"mode {settings.socket_mode:04o}"
-            )
-            log.info(
-                "serving store %s on %s (%s), KEK source: %s",
-                settings.store,
-                serving,
-                mode,
-                store.metadata.kek["kind"],
-            )
-            announce_access(access)
-            trio.run(run, server, f"store {settings.store} on {serving}", latch)
-        finally:
-            if watch is not None:
-                watch.stop()
-            listener.close()
-            audit.close()
-            if bound is not None:
-                remove_socket(settings.socket, bound)
-        log.info("stopped")
+    audit = AuditLog(settings.audit_log)
+    inherited = systemd.inherited_listener()
+    listener = inherited or bind_unix_socket(settings.socket, settings.socket_mode)
+    # A socket systemd passed us is systemd's: we neither chmod nor remove it.
+    bound = None if inherited else os.lstat(settings.socket)
+    watch = watch_transit(settings, source)
+    try:
+        rekeyer = online_rekeyer(store, settings.passphrase_timeout)
+        dispatcher = Dispatcher(
+            store, __version__, rekeyer, (lambda: watch.status) if watch else (lambda: "ok")
+        )
+        server = Server(dispatcher, listener, settings.limits(), access, audit, reread)
+        # Where clients (and `kmsd rekey`) reach us: a socket systemd passed is wherever
+        # its ListenStream= put it, whatever our configuration says.
+        serving = Path(listener.getsockname()) if inherited else settings.socket
+        store.announce(serving)
+        mode = (
+            "passed by systemd, mode per SocketMode="
+            if inherited
+            else f"mode {settings.socket_mode:04o}"
+        )
+        log.info(
+            "serving store %s on %s (%s), KEK source: %s",
+            settings.store,
+            serving,
+            mode,
+            store.metadata.kek["kind"],
+        )
+        announce_access(access)
+        trio.run(run, server, f"store {settings.store} on {serving}", latch)
+    finally:
+        if watch is not None:
+            watch.stop()
+        listener.close()
+        audit.close()
+        if bound is not None:
+            remove_socket(settings.socket, bound)
+    log.info("stopped")
 
 
 # --------------------------------------------------------------------------- lifecycle

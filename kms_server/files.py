@@ -23,22 +23,20 @@ log = logging.getLogger("kmsd.files")
 def read_small_text_file(path: Path, limit: int) -> tuple[os.stat_result, bytes]:
     """The status and contents of a small file an operator names (a config, an ACL).
 
-    Never hangs and never fills memory: a FIFO with no writer reads as empty, one
-    whose writer says nothing and a device that never ends (``/dev/zero``) are an
-    ``OSError``. The status is the open file's, for a mode check on what was read.
+    Read to its end as any file (``--config <(...)`` and ``/dev/stdin`` work), but a
+    device that never ends (``/dev/zero``) is an ``OSError`` at ``limit`` bytes, not
+    all of memory. The status is the open file's, for a mode check on what was read.
+    A NUL in the path is an ``OSError`` too.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except ValueError:
+        raise OSError(errno.EINVAL, "its path holds a NUL byte") from None
     try:
         status = os.fstat(fd)
         chunks: list[bytes] = []
         size = 0
-        while size <= limit:
-            try:
-                chunk = os.read(fd, limit + 1 - size)
-            except BlockingIOError:
-                raise OSError(errno.EAGAIN, "it delivers nothing (a FIFO?)") from None
-            if not chunk:
-                break
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
             chunks.append(chunk)
             size += len(chunk)
     finally:

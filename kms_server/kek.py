@@ -252,19 +252,19 @@ class PassphraseCommand:
             raise KekError(f"cannot run the passphrase command: {exc.strerror}") from None
         except ValueError:  # an embedded NUL
             raise KekError("cannot run the passphrase command: it holds a NUL byte") from None
-        output = cast("IO[bytes]", child.stdout)  # stdout=PIPE
-        deadline = time.monotonic() + self.timeout
-        try:
+        try:  # at once: a stop signal (an exception from a handler) must not orphan it
+            output = cast("IO[bytes]", child.stdout)  # stdout=PIPE
+            deadline = time.monotonic() + self.timeout
             passphrase = first_line_of(output, deadline)
             child.wait(timeout=max(0.0, deadline - time.monotonic()))
         except (subprocess.TimeoutExpired, TimeoutError):
             end_session(child)
             raise KekError(f"passphrase command did not finish within {self.timeout:g} s") from None
-        except BaseException:  # a first line too long, an interrupt
+        except BaseException:  # a first line too long, an interrupt, a stop signal
             end_session(child)
             raise
         finally:
-            output.close()
+            cast("IO[bytes]", child.stdout).close()
         if child.returncode != 0:
             raise KekError(f"passphrase command exited with status {child.returncode}")
         if not passphrase:

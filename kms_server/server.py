@@ -226,6 +226,7 @@ class Server:
         self._dispatcher = dispatcher
         #: Reads the configuration again (SIGHUP); blocking, so called in a worker thread.
         self._reread = reread
+        self._reread_limiter = trio.CapacityLimiter(1)
         listener.setblocking(False)
         self._listener = listener
         self._limits = limits
@@ -258,23 +259,26 @@ class Server:
         The audit log is opened afresh even at an unchanged path (logrotate moved it).
         """
 
-        def load() -> tuple[Reloaded, int]:
-            reloaded = self._reread()
-            return reloaded, self._audit.open_sink(reloaded.audit_path)
-
-        loaded = None
+        reloaded = sink = None
         why = f"the configuration did not load within {RELOAD_TIMEOUT:g} s"
-        try:  # in a thread, given up at the timeout: a file on a hung mount never answers
+        try:
+            if self._reread_limiter.borrowed_tokens:  # one given up on still hangs
+                raise ReloadRejected("an earlier reload is still reading the configuration")
+            # In a thread of its own, given up at the timeout: a file on a hung mount never
+            # answers, and the thread must not take a slot the writes need.
             with trio.move_on_after(RELOAD_TIMEOUT):
-                loaded = await trio.to_thread.run_sync(load, abandon_on_cancel=True)
+                reloaded = await trio.to_thread.run_sync(
+                    self._reread, abandon_on_cancel=True, limiter=self._reread_limiter
+                )
+            if reloaded is not None:
+                sink = self._audit.open_sink(reloaded.audit_path)
         except (ReloadRejected, AuditError) as error:
             why = str(error)
         except Exception as error:  # a reload must never stop the daemon
             why = f"the configuration could not be read ({type(error).__name__})"
-        if loaded is None:
+        if reloaded is None or sink is None:
             log.error("reload rejected, the previous ACL and audit log stay in force: %s", why)
             return
-        reloaded, sink = loaded
         self._access.use(reloaded.acl, reloaded.acl_path)
         self._audit.use_sink(reloaded.audit_path, sink)
         log.info(
@@ -524,7 +528,7 @@ class Server:
                 head = audit_head(audit_prefix)
                 replies: list[bytes] = []
                 trail: list[str] = []
-                closing = must_answer = flushed = False
+                closing = must_answer = flushed = vanished = False
                 pending = 0  # bytes in replies
                 began = slice_began = perf_counter_ns()
                 for number, line in enumerate(lines):
@@ -537,9 +541,10 @@ class Server:
                             deadline = idle.deadline = wanted + slack
                             sending = True
                             try:
-                                await send_from(send, b"".join(replies), 0)
+                                if not vanished:
+                                    await send_from(send, b"".join(replies), 0)
                             except OSError:  # EPIPE, ECONNRESET: the client went away
-                                return
+                                vanished = True  # (its requests are served all the same)
                             sending = False
                             replies = []
                             pending = 0
@@ -621,9 +626,10 @@ class Server:
                             self._answering.add(answering)
                             sending = True
                             try:
-                                await send_from(send, b"".join(replies), 0)
-                            except OSError:  # EPIPE, ECONNRESET: the client went away
-                                return
+                                if not vanished:
+                                    await send_from(send, b"".join(replies), 0)
+                            except OSError:  # EPIPE, ECONNRESET: the client went away, but
+                                vanished = True  # what it sent is still served, as it was
                             finally:
                                 self._answering.discard(answering)
                         if answering.cancelled_caught:  # it does not read: close
@@ -643,6 +649,9 @@ class Server:
                     subject = audit_subject(verb, None, None, "TOO_LONG", size_in, len(_TOO_LONG))
                     trail += (head, subject, audit_tail(0))
                     closing = True
+                if vanished:  # every request of the batch served and on record; no one to answer
+                    audit.write(trail)
+                    return
                 answered = bool(replies) or flushed
                 if replies:
                     audit.write(trail)  # before the replies: no key leaves unrecorded
@@ -795,7 +804,8 @@ async def _obey_signals(
                 "STATUS=reloading the configuration (ACL, audit log)",
             )
             await server.reload()
-            systemd.notify("READY=1", status)
+            if not server.stopping:  # a stop that came meanwhile said STOPPING=1 already
+                systemd.notify("READY=1", status)
 
     async for signum in signals:
         if server.stopping:

@@ -38,10 +38,7 @@ class PolledSink:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._lock = threading.Lock()
-        try:
-            self._stream = not stat.S_ISREG(os.fstat(fd).st_mode)
-        except OSError:  # closed (kmsd 2>&-): every write fails, and is dropped
-            self._stream = False
+        self._stream = not stat.S_ISREG(os.fstat(fd).st_mode)
         self._poller = select.poll()
         self._poller.register(fd, select.POLLOUT)
         #: The last write stopped inside a line: the next one starts by ending it.

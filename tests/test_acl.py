@@ -322,28 +322,12 @@ def test_a_byte_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
         Acl.load(path)
 
 
-@pytest.mark.parametrize("kind", ["device", "fifo", "fifo with a silent writer"])
-def test_an_acl_that_never_ends_or_never_delivers_is_refused_at_once(
-    tmp_path: Path, kind: str
-) -> None:
-    """/dev/zero filled memory, a FIFO hung the start (or a reload) for good."""
-    path = Path("/dev/zero") if kind == "device" else tmp_path / "acl.fifo"
-    writer = None
-    if kind != "device":
-        os.mkfifo(path)
-        if kind == "fifo with a silent writer":
-            reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-            writer = os.open(path, os.O_WRONLY)
-            os.close(reader)
-    try:
-        if kind == "fifo":  # empty: no rule grants anything, as an empty file
-            assert Acl.load(path).rules == ()
-        else:
-            with pytest.raises(AclError, match=f"cannot read ACL {path}"):
-                Acl.load(path)
-    finally:
-        if writer is not None:
-            os.close(writer)
+def test_an_acl_on_a_device_that_never_ends_is_refused(tmp_path: Path) -> None:
+    """/dev/zero filled memory; now it is refused at 1 MiB."""
+    with pytest.raises(AclError, match="cannot read ACL /dev/zero: larger than"):
+        Acl.load(Path("/dev/zero"))
+    with pytest.raises(AclError, match="NUL"):
+        Acl.load(tmp_path / "a\0b")
 
 
 def test_a_duplicate_field_names_its_line() -> None:

@@ -562,6 +562,20 @@ def test_a_second_signal_while_stopping_changes_nothing(
     assert log.rstrip().endswith("stopped")
 
 
+def test_writes_pipelined_by_a_client_that_closed_are_all_applied(daemon: Daemon) -> None:
+    """A write's reply is sent at once; the first one to a closed client fails, and the
+    rest of what it sent must still be served (only 1 of 200 keys was created)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(daemon.socket_path)
+        conn.sendall(b"".join(b"CREATE gone/k%d\n" % number for number in range(200)))
+    deadline = time.monotonic() + 20
+    while ask(daemon.socket_path, b"INFO gone/k199").startswith(b"ERR NOT_FOUND"):
+        assert time.monotonic() < deadline, "the last CREATE was never applied"
+        time.sleep(0.05)
+    for number in range(200):
+        assert ask(daemon.socket_path, b"INFO gone/k%d" % number).startswith(b"OK ")
+
+
 def test_request_in_flight_at_sigterm_is_answered(daemon: Daemon) -> None:
     with Conn(daemon.socket_path) as conn:
         assert conn.ask(b"PING") == b"OK PONG"

@@ -159,13 +159,28 @@ def test_a_config_that_is_no_text_file_is_a_one_line_error(short_tmp: Path) -> N
     """/dev/zero filled memory; bytes that are not UTF-8 were a traceback."""
     latin = short_tmp / "latin1.toml"
     latin.write_bytes(b"# caf\xe9\n")
+    nul_audit = short_tmp / "nul.toml"
+    nul_audit.write_text('audit_log = "/tmp/a\\u0000b"\n')
+    daemon = make_store(short_tmp / "d")
     results = kmsd_all(
         ["check-config", "--config", "/dev/zero"],
         ["check-config", "--config", str(latin)],
-    )
+        ["check-config", "--config", str(nul_audit), "--store", str(daemon.store),
+         "--kek-file", str(daemon.kek_file)],
+    )  # fmt: skip
     for result in results:
         assert_fails(result, EXIT_CONFIG)
         assert result.stderr.startswith(b"kmsd: error: ")
+    # A config through a pipe is read to its end, as any file.
+    piped = subprocess.run(
+        [*KMSD, "check-config", "--config", "/dev/stdin", "--store", str(daemon.store),
+         "--kek-file", str(daemon.kek_file)],
+        input=b"max_connections = 9\n",
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
 
 
 def test_unreadable_or_malformed_kek_file(short_tmp: Path) -> None:
@@ -278,6 +293,22 @@ def test_a_stop_while_starting_is_a_clean_exit(short_tmp: Path, sig: signal.Sign
     assert not socket_path.exists()
     with pytest.raises(ProcessLookupError):  # the command was ended (and reaped) with it
         os.kill(command_pid, 0)
+
+
+def test_a_closed_stderr_does_not_send_the_log_into_the_store_lock(short_tmp: Path) -> None:
+    """`kmsd serve 2>&-`: the store lock took descriptor 2, and the log and the audit trail
+    went into it, over the socket path `kmsd rekey` reads there."""
+    daemon = make_store(short_tmp / "d")
+    process = subprocess.Popen(
+        ["sh", "-c", 'exec "$@" 2>&-', "sh", *daemon.command()], stdin=subprocess.DEVNULL
+    )
+    try:
+        wait_until_serving(Path(daemon.socket_path), process, daemon.log)
+        assert exchange(daemon.socket_path, b"CREATE k\n") == b"OK 1\n"
+        assert (daemon.store / ".lock").read_text() == f"{Path(daemon.socket_path).absolute()}\n"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
 
 
 def test_file_store_refuses_a_passphrase_source(short_tmp: Path) -> None:
