@@ -161,7 +161,8 @@ class Acl:
     def load(cls, path: Path) -> Acl:
         """Read and parse an ACL file; one that every user may write grants nothing."""
         try:
-            status, data = read_small_text_file(path, MAX_ACL_SIZE)
+            # A regular file: its mode guards it; a FIFO could hang start-up or a reload.
+            status, data = read_small_text_file(path, MAX_ACL_SIZE, regular_file_only=True)
         except OSError as exc:
             raise AclError(f"cannot read ACL {path}: {exc.strerror}") from None
         mode = status.st_mode

@@ -261,6 +261,7 @@ def hold_standard_descriptors() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
+            os.set_inheritable(fd, True)  # a passphrase command gets it too
 
 
 @main.command()
@@ -407,10 +408,12 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def settings_from(config_file: Path | None, options: dict[str, Any]) -> Settings:
+def settings_from(
+    config_file: Path | None, options: dict[str, Any], *, reloading: bool = False
+) -> Settings:
     """Merge the TOML file and the flags (which win) into validated settings."""
     overrides = {("socket" if name == "socket_path" else name): v for name, v in options.items()}
-    return load(config_file, overrides)
+    return load(config_file, overrides, regular_file_only=reloading)
 
 
 @main.command()
@@ -447,8 +450,12 @@ class StopWhileStarting:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        #: Serving began (or ended): a signal now is the latch's, or too late to matter.
+        self.started = False
 
     def handle(self, signum: int, frame: object) -> None:
+        if self.started:
+            return
         self.signum = signum
         self.check()
 
@@ -485,6 +492,7 @@ def start_and_serve(
         with SignalLatch() as latch:
             try:
                 stop.check()
+                stop.started = True
                 if dev:
                     ensure_demo_key(store_handle)
                 reread = rereader(config_file, options, settings)
@@ -577,11 +585,17 @@ RELOADABLE = frozenset({"acl", "audit_log"})
 def rereader(
     config_file: Path | None, options: dict[str, Any], serving: Settings
 ) -> Callable[[], Reloaded]:
-    """What SIGHUP reads: the config file again, with the flags winning as at start."""
+    """What SIGHUP reads: the config file again, with the flags winning as at start.
+
+    A config that came through a pipe (``--config /dev/stdin``) cannot be read again:
+    its settings stay, and a reload reads their ACL again and reopens their audit log.
+    A config file replaced by something that is not a regular file is rejected.
+    """
+    from_pipe = config_file is not None and not config_file.is_file()
 
     def reread() -> Reloaded:
         try:
-            fresh = settings_from(config_file, options)
+            fresh = serving if from_pipe else settings_from(config_file, options, reloading=True)
             access = load_access(fresh)
         except (ConfigError, AclError) as error:
             raise ReloadRejected(str(error)) from None
@@ -609,8 +623,9 @@ def serve_store(
     listener = inherited or bind_unix_socket(settings.socket, settings.socket_mode)
     # A socket systemd passed us is systemd's: we neither chmod nor remove it.
     bound = None if inherited else os.lstat(settings.socket)
-    watch = watch_transit(settings, source)
+    watch = None
     try:
+        watch = watch_transit(settings, source)
         rekeyer = online_rekeyer(store, settings.passphrase_timeout)
         dispatcher = Dispatcher(
             store, __version__, rekeyer, (lambda: watch.status) if watch else (lambda: "ok")

@@ -214,12 +214,20 @@ def _coerce(name: str, value: Any) -> Any:
 _NAMES = frozenset(f.name for f in fields(Settings))
 
 
-def load(config_file: Path | None, overrides: dict[str, Any]) -> Settings:
-    """Defaults, then the TOML file, then flags (``overrides``; ``None`` means not given)."""
+def load(
+    config_file: Path | None, overrides: dict[str, Any], *, regular_file_only: bool = False
+) -> Settings:
+    """Defaults, then the TOML file, then flags (``overrides``; ``None`` means not given).
+
+    ``regular_file_only``: refuse a config that is not a regular file (a reload: a FIFO
+    put in its place would hang or read as empty).
+    """
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
-            _, data = read_small_text_file(config_file, MAX_CONFIG_SIZE)
+            _, data = read_small_text_file(
+                config_file, MAX_CONFIG_SIZE, regular_file_only=regular_file_only
+            )
             document = tomllib.loads(data.decode())
         except OSError as exc:
             raise ConfigError(f"cannot read config {config_file}: {exc.strerror}") from None

@@ -14,26 +14,34 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import uuid
 from pathlib import Path
 
 log = logging.getLogger("kmsd.files")
 
 
-def read_small_text_file(path: Path, limit: int) -> tuple[os.stat_result, bytes]:
+def read_small_text_file(
+    path: Path, limit: int, *, regular_file_only: bool = False
+) -> tuple[os.stat_result, bytes]:
     """The status and contents of a small file an operator names (a config, an ACL).
 
     Read to its end as any file (``--config <(...)`` and ``/dev/stdin`` work), but a
     device that never ends (``/dev/zero``) is an ``OSError`` at ``limit`` bytes, not
-    all of memory. The status is the open file's, for a mode check on what was read.
-    A NUL in the path is an ``OSError`` too.
+    all of memory. With ``regular_file_only``, anything else is an ``OSError`` at
+    once (opened non-blocking: a FIFO with no writer cannot hang the open). The status
+    is the open file's, for a mode check on what was read. A NUL in the path is an
+    ``OSError`` too.
     """
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NONBLOCK if regular_file_only else 0)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except ValueError:
         raise OSError(errno.EINVAL, "its path holds a NUL byte") from None
     try:
         status = os.fstat(fd)
+        if regular_file_only and not stat.S_ISREG(status.st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file")
         chunks: list[bytes] = []
         size = 0
         while size <= limit and (chunk := os.read(fd, limit + 1 - size)):

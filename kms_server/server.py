@@ -248,7 +248,9 @@ class Server:
         return self._stopping
 
     def stop(self) -> None:
-        """Begin a graceful stop (idempotent)."""
+        """Begin a graceful stop (idempotent); the grace period starts now."""
+        if not self._stopping:
+            self._grace_end = trio.current_time() + self._limits.grace_period
         self._stopping = True
         self._stop_requested.set()
 
@@ -307,7 +309,6 @@ class Server:
             last_call = trio.current_time() + LAST_CALL
             for scope in self._waiting_for_input:
                 scope.deadline = min(scope.deadline, last_call)
-            self._grace_end = trio.current_time() + self._limits.grace_period
             for scope in self._answering:  # a write's reply: sent past the grace, briefly
                 scope.deadline = min(scope.deadline, self._grace_end + WRITE_REPLY_TIMEOUT)
             connections.cancel_scope.deadline = self._grace_end
@@ -494,6 +495,9 @@ class Server:
         current_time = trio.lowlevel.current_clock().current_time
         line_began = 0.0
         answered = True  # the last batch completed a line: a new one starts now
+        #: The client went away (a send failed): what it sent is still served, to its end,
+        #: and nothing is sent any more.
+        vanished = False
         sending = False
         with trio.CancelScope() as idle:
             deadline = idle.deadline  # mirrored: reading the property costs a call
@@ -528,7 +532,7 @@ class Server:
                 head = audit_head(audit_prefix)
                 replies: list[bytes] = []
                 trail: list[str] = []
-                closing = must_answer = flushed = vanished = False
+                closing = must_answer = flushed = False
                 pending = 0  # bytes in replies
                 began = slice_began = perf_counter_ns()
                 for number, line in enumerate(lines):
@@ -649,9 +653,12 @@ class Server:
                     subject = audit_subject(verb, None, None, "TOO_LONG", size_in, len(_TOO_LONG))
                     trail += (head, subject, audit_tail(0))
                     closing = True
-                if vanished:  # every request of the batch served and on record; no one to answer
+                if vanished:  # the batch served and on record; read on, answer no one
                     audit.write(trail)
-                    return
+                    if closing:
+                        return
+                    answered = True
+                    continue
                 answered = bool(replies) or flushed
                 if replies:
                     audit.write(trail)  # before the replies: no key leaves unrecorded

@@ -322,10 +322,14 @@ def test_a_byte_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
         Acl.load(path)
 
 
-def test_an_acl_on_a_device_that_never_ends_is_refused(tmp_path: Path) -> None:
-    """/dev/zero filled memory; now it is refused at 1 MiB."""
-    with pytest.raises(AclError, match="cannot read ACL /dev/zero: larger than"):
+def test_an_acl_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    """/dev/zero filled memory and a FIFO hung; the mode check needs a file anyway."""
+    with pytest.raises(AclError, match="cannot read ACL /dev/zero: it is not a regular file"):
         Acl.load(Path("/dev/zero"))
+    fifo = tmp_path / "acl.fifo"
+    os.mkfifo(fifo)  # nobody writes: it would hang start-up or a reload
+    with pytest.raises(AclError, match="not a regular file"):
+        Acl.load(fifo)
     with pytest.raises(AclError, match="NUL"):
         Acl.load(tmp_path / "a\0b")
 
@@ -695,6 +699,35 @@ def test_live_sighup_reads_the_config_file_again(short_tmp: Path) -> None:
         reload_and_wait("reloaded: ACL")
         assert code_of(conn.ask(enc)) == "DENIED"
         assert code_of(conn.ask(b"GET a/x")) == "OK"
+
+
+def test_a_config_that_came_through_a_pipe_keeps_its_settings_at_a_reload(
+    short_tmp: Path,
+) -> None:
+    """`--config /dev/stdin` cannot be read again: a reload read it as empty and put the
+    default ACL and stderr in place of the ones it named."""
+    daemon = make_store(short_tmp / "d")
+    acl = short_tmp / "acl.toml"
+    acl.write_text(ENC_A_CREATE_ALL)
+    audit = short_tmp / "audit.log"
+    daemon.extra_args = ["--config", "/dev/stdin"]
+    config = f'acl = "{acl}"\naudit_log = "{audit}"\n'.encode()
+    with daemon.log.open("ab") as log:
+        daemon.process = subprocess.Popen(daemon.command(), stdin=subprocess.PIPE, stderr=log)
+    try:
+        assert daemon.process.stdin is not None
+        daemon.process.stdin.write(config)
+        daemon.process.stdin.close()
+        wait_for(lambda: os.path.exists(daemon.socket_path), what="the daemon to serve")
+        enc = b"ENC a/x " + b64(b"plaintext")
+        assert ask(daemon.socket_path, b"CREATE a/x") == b"OK 1"
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded: ACL" in daemon.log.read_text(), what="the reload")
+        assert f"reloaded: ACL {acl}" in daemon.log.read_text()
+        assert code_of(ask(daemon.socket_path, enc)) == "OK"
+        assert b'"verb":"ENC"' in audit.read_bytes()
+    finally:
+        daemon.stop()
 
 
 def test_a_reload_that_never_ends_does_not_keep_the_daemon_from_stopping(

@@ -576,6 +576,24 @@ def test_writes_pipelined_by_a_client_that_closed_are_all_applied(daemon: Daemon
         assert ask(daemon.socket_path, b"INFO gone/k%d" % number).startswith(b"OK ")
 
 
+def test_writes_sent_after_a_first_reply_by_a_client_that_closed_are_applied(
+    daemon: Daemon,
+) -> None:
+    """What is still in the socket when the client is found gone is served too: only the
+    batch at hand was (300 keys of 600)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(daemon.socket_path)
+        conn.sendall(b"".join(b"CREATE first/k%d\n" % number for number in range(300)))
+        assert conn.recv(5) == b"OK 1\n"
+        conn.sendall(b"".join(b"CREATE then/k%d\n" % number for number in range(300)))
+    deadline = time.monotonic() + 30
+    while ask(daemon.socket_path, b"INFO then/k299").startswith(b"ERR NOT_FOUND"):
+        assert time.monotonic() < deadline, "what the client sent last was never applied"
+        time.sleep(0.05)
+    for number in range(300):
+        assert ask(daemon.socket_path, b"INFO then/k%d" % number).startswith(b"OK ")
+
+
 def test_request_in_flight_at_sigterm_is_answered(daemon: Daemon) -> None:
     with Conn(daemon.socket_path) as conn:
         assert conn.ask(b"PING") == b"OK PONG"

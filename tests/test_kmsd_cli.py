@@ -311,6 +311,22 @@ def test_a_closed_stderr_does_not_send_the_log_into_the_store_lock(short_tmp: Pa
         assert process.wait(20) == 0
 
 
+def test_a_passphrase_command_gets_open_standard_descriptors_under_a_closed_stderr(
+    short_tmp: Path,
+) -> None:
+    """The /dev/null put on a closed descriptor 2 was not inheritable: the command ran with
+    descriptor 2 closed, so its first open file took it, and its diagnostics went there."""
+    command = python_command("import os; os.fstat(2); print('words')")
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$@" 2>&-', "sh", *KMSD, "init", "--store",
+         str(short_tmp / "store"), "--passphrase-command", command],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout
+
+
 def test_file_store_refuses_a_passphrase_source(short_tmp: Path) -> None:
     daemon = make_store(short_tmp / "d")
     assert_fails(
