@@ -165,10 +165,9 @@ class Acl:
             status, data = read_small_text_file(path, MAX_ACL_SIZE, regular_file_only=True)
         except OSError as exc:
             raise AclError(f"cannot read ACL {path}: {exc.strerror}") from None
-        mode = status.st_mode
-        if stat.S_ISREG(mode) and mode & stat.S_IWOTH:
+        if status.st_mode & stat.S_IWOTH:
             raise AclError(
-                f"ACL {path} is writable by every user (mode {stat.S_IMODE(mode):04o}), "
+                f"ACL {path} is writable by every user (mode {stat.S_IMODE(status.st_mode):04o}), "
                 f"so anyone could grant themselves every key: chmod o-w {path}"
             )
         try:

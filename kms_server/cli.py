@@ -54,7 +54,8 @@ from kms_server.server import (
     ReloadRejected,
     Server,
     ServerError,
-    SignalLatch,
+    StoppedWhileStarting,
+    StopSignals,
     bind_unix_socket,
     remove_socket,
     run,
@@ -428,9 +429,8 @@ def settings_from(
 def serve(config_file: Path | None, dev: bool, verbose: bool, **options: Any) -> None:
     """Serve protocol v1 on a Unix socket until SIGTERM or SIGINT (SIGHUP reloads)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload request during start-up is moot
-    stop = StopWhileStarting()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop.handle)
+    stop = StopSignals()
+    stop.install()
     setup_logging(verbose)
     try:
         start_and_serve(config_file, dev, options, stop)
@@ -438,34 +438,8 @@ def serve(config_file: Path | None, dev: bool, verbose: bool, **options: Any) ->
         log.info("%s received while starting: stopped", stopped)
 
 
-class StoppedWhileStarting(BaseException):
-    """SIGTERM or SIGINT before the socket is served: unwinds start-up (a passphrase
-    command is ended, the KEK wiped) to a clean exit 0."""
-
-
-class StopWhileStarting:
-    """The SIGTERM/SIGINT handler until the daemon serves: raise :class:`StoppedWhileStarting`
-    where start-up is, and remember it, for a raise inside a ``__del__`` is only printed:
-    :meth:`check` raises it again before the socket is bound."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        #: Serving began (or ended): a signal now is the latch's, or too late to matter.
-        self.started = False
-
-    def handle(self, signum: int, frame: object) -> None:
-        if self.started:
-            return
-        self.signum = signum
-        self.check()
-
-    def check(self) -> None:
-        if self.signum is not None:
-            raise StoppedWhileStarting(signal.Signals(self.signum).name)
-
-
 def start_and_serve(
-    config_file: Path | None, dev: bool, options: dict[str, Any], stop: StopWhileStarting
+    config_file: Path | None, dev: bool, options: dict[str, Any], stop: StopSignals
 ) -> None:
     with one_line_errors():
         if dev:
@@ -488,17 +462,15 @@ def start_and_serve(
         source = settings.kek_source()
         store_handle = open_store(settings, source)
         warn_if_exposed(source, log.warning)
-        # From here a SIGTERM is latched, not raised: the socket is removed, the keys wiped.
-        with SignalLatch() as latch:
-            try:
-                stop.check()
-                stop.started = True
-                if dev:
-                    ensure_demo_key(store_handle)
-                reread = rereader(config_file, options, settings)
-                serve_store(settings, store_handle, access, source, reread, latch)
-            finally:
-                store_handle.close()
+        try:
+            # From here a SIGTERM is remembered, not raised: the socket is removed, keys wiped.
+            stop.begin_serving()
+            if dev:
+                ensure_demo_key(store_handle)
+            reread = rereader(config_file, options, settings)
+            serve_store(settings, store_handle, access, source, reread, stop)
+        finally:
+            store_handle.close()
 
 
 @main.command("check-config")
@@ -616,7 +588,7 @@ def serve_store(
     access: AccessControl,
     source: KekSource,
     reread: Callable[[], Reloaded],
-    latch: SignalLatch,
+    stop: StopSignals,
 ) -> None:
     audit = AuditLog(settings.audit_log)
     inherited = systemd.inherited_listener()
@@ -648,7 +620,7 @@ def serve_store(
             store.metadata.kek["kind"],
         )
         announce_access(access)
-        trio.run(run, server, f"store {settings.store} on {serving}", latch)
+        trio.run(run, server, f"store {settings.store} on {serving}", stop)
     finally:
         if watch is not None:
             watch.stop()

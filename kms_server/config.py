@@ -90,8 +90,9 @@ class Settings:
 
     def kek_source(self, flag_prefix: str = "") -> KekSource:
         """The one KEK source given; errors name the flags with ``flag_prefix`` (``new-``)."""
-        flags = [f"--{flag_prefix}{name}" for name in ("kek-file", "passphrase-command")]
-        flags.append(f"--{flag_prefix}kek-transit")
+        flags = [
+            f"--{flag_prefix}{name}" for name in ("kek-file", "passphrase-command", "kek-transit")
+        ]
         given = [
             flag
             for flag, value in zip(

@@ -735,39 +735,48 @@ class AccessControl:
         self.generation += 1
 
 
-class SignalLatch:
-    """SIGTERM and SIGINT while trio's signal receiver is not open: remembered, never the
-    default action.
+class StoppedWhileStarting(BaseException):
+    """SIGTERM or SIGINT before the socket is served: unwinds start-up (a passphrase
+    command is ended, the KEK wiped) to a clean exit 0."""
 
-    Held around the whole serving run. A signal before the receiver opens still stops
-    the daemon (:func:`run` looks at :attr:`caught`); one trio hands back as its
-    receiver closes (a second SIGTERM during the stop) would otherwise kill the
-    process before its socket is removed.
+
+class StopSignals:
+    """The SIGTERM/SIGINT handler for the daemon's whole life, outside trio's receiver.
+
+    While starting, a signal raises :class:`StoppedWhileStarting` wherever start-up
+    is; it is remembered too, for a raise inside a ``__del__`` is only printed:
+    :meth:`begin_serving` raises it again before the socket is bound. From then on a
+    signal is only remembered: :func:`run` stops at once for one that came before its
+    receiver opened, and one trio hands back as the receiver closes (a second SIGTERM
+    during the stop) changes nothing, where the default action would kill the daemon
+    before its socket is removed.
     """
-
-    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.caught: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._starting = True
 
-    def __enter__(self) -> SignalLatch:
-        self._previous = {signum: signal.signal(signum, self._catch) for signum in self._SIGNALS}
-        return self
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
 
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _catch(self, signum: int, frame: object) -> None:
+    def _handle(self, signum: int, frame: object) -> None:
         if self.caught is None:
             self.caught = signum
+        if self._starting:
+            raise StoppedWhileStarting(signal.Signals(signum).name)
+
+    def begin_serving(self) -> None:
+        """Stop now for a signal that came while starting; from now on only remember."""
+        if self.caught is not None:
+            raise StoppedWhileStarting(signal.Signals(self.caught).name)
+        self._starting = False
 
 
 async def run(
     server: Server,
     description: str = "",
-    latch: SignalLatch | None = None,
+    stop_signals: StopSignals | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -789,8 +798,8 @@ async def run(
                 if period is not None:
                     helpers.start_soon(_ping_watchdog, period)
                 helpers.start_soon(_obey_signals, server, signals, status, helpers)
-                if latch is not None and latch.caught is not None:
-                    _stop(server, latch.caught)  # it came while we started
+                if stop_signals is not None and stop_signals.caught is not None:
+                    _stop(server, stop_signals.caught)  # it came before the receiver opened
                 task_status.started()
             helpers.cancel_scope.cancel()  # serve() returned: stopped and drained
 
