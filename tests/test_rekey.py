@@ -500,15 +500,20 @@ def test_online_rekey_to_a_passphrase_and_back(fresh: KekDaemon) -> None:
         check_via_socket(daemon.socket_path, samples)
 
 
+def slow_rekey(seconds: float) -> bytes:
+    """A REKEY line whose passphrase command takes ``seconds``."""
+    command = python_command(f"import time; time.sleep({seconds}); print('pass {seconds}')")
+    return b"REKEY passphrase " + b64(command.encode()) + b"\n"
+
+
 def test_a_rekey_applied_after_the_grace_period_is_still_answered(fresh: KekDaemon) -> None:
     """REKEY is not repeatable: applied while the daemon stopped, past its grace period,
     its reply was dropped (the client saw EOF and could not tell it had happened)."""
     daemon = fresh
     daemon.extra_args = ["--grace-period", "1"]
-    slow = python_command("import time; time.sleep(3); print('slow passphrase')")
     with running(daemon), Conn(daemon.socket_path) as conn:
         assert conn.ask(b"PING") == b"OK PONG"
-        conn.send(b"REKEY passphrase " + b64(slow.encode()) + b"\n")
+        conn.send(slow_rekey(3))
         time.sleep(0.5)
         assert daemon.process is not None
         daemon.process.send_signal(signal.SIGTERM)
@@ -525,16 +530,11 @@ def test_a_write_applied_before_the_stop_is_answered_whatever_follows_it(
     slow REKEY while the grace period ends: B's reply was in its unsent batch, dropped."""
     daemon = fresh
     daemon.extra_args = ["--grace-period", "0.5"]
-
-    def sleeping(seconds: float) -> bytes:
-        command = python_command(f"import time; time.sleep({seconds}); print('pass {seconds}')")
-        return b"REKEY passphrase " + b64(command.encode()) + b"\n"
-
     with running(daemon), Conn(daemon.socket_path) as b, Conn(daemon.socket_path) as a:
         assert b.ask(b"CREATE k1") == b"OK 1"
-        b.send(sleeping(1) + b"ROTATE k1\n")
+        b.send(slow_rekey(1) + b"ROTATE k1\n")
         time.sleep(0.3)
-        a.send(sleeping(3))
+        a.send(slow_rekey(3))
         time.sleep(1.5)
         assert daemon.process is not None
         daemon.process.send_signal(signal.SIGTERM)
