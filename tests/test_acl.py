@@ -730,11 +730,12 @@ def test_a_config_that_came_through_a_pipe_keeps_its_settings_at_a_reload(
         daemon.stop()
 
 
-def test_a_reload_that_never_ends_does_not_keep_the_daemon_from_stopping(
+def test_a_config_replaced_by_a_fifo_is_rejected_at_reload_and_the_daemon_stops(
     short_tmp: Path,
 ) -> None:
-    """A config file that never answers (a FIFO here; a hung mount in life): SIGTERM is
-    still obeyed while the reload waits."""
+    """A FIFO nobody writes in the config's place: the reload refuses it at once (it hung
+    the reload, and SIGTERM with it); the daemon serves on and stops. A reload that hangs
+    on a regular file (a hung mount) is test_store's."""
     daemon = make_store(short_tmp / "d")
     config = short_tmp / "kmsd.toml"
     config.write_text("max_connections = 9\n")
@@ -744,7 +745,7 @@ def test_a_reload_that_never_ends_does_not_keep_the_daemon_from_stopping(
         os.mkfifo(config)
         assert daemon.process is not None
         daemon.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: "SIGHUP received" in daemon.log.read_text(), what="the reload")
+        wait_for(lambda: "not a regular file" in daemon.log.read_text(), what="the rejection")
         assert ask(daemon.socket_path, b"PING") == b"OK PONG"
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(10) == 0

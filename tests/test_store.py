@@ -24,6 +24,7 @@ import trio
 from kms_client.errors import KeyExists, KeyNotFound
 from kms_client.protocol import parse_request
 from kms_server import files as files_module
+from kms_server import server as server_module
 from kms_server import store as store_module
 from kms_server.acl import Acl
 from kms_server.audit import AuditLog
@@ -1188,6 +1189,54 @@ def test_a_key_stays_on_the_erasing_list_while_any_destroyed_file_is_left(
     assert not (store_dir / LIVE_LINK / KEYS_DIR / "f" / "m" / "_v1.key").exists()
     assert not (store_dir / LIVE_LINK / ERASING_NAME).exists()
     assert problems(store_dir, kek) == []
+
+
+def test_a_reload_that_hangs_is_given_up_and_holds_off_the_next_until_it_ends(
+    store_dir: Path,
+    kek: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A config on a hung mount: the reload is rejected at its timeout, its thread left
+    behind; the next SIGHUP is refused while that thread still hangs, not stacked on it
+    (abandoned threads took the worker slots writes need); once it ends, reloads work."""
+    monkeypatch.setattr(server_module, "RELOAD_TIMEOUT", 0.2)
+    hang = threading.Event()
+    owner = Acl.owner_only(os.getuid())
+
+    def reread() -> Reloaded:
+        hang.wait(30)
+        return Reloaded(owner, None, None)
+
+    with (
+        FailingWrites(store_dir, kek) as writes,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unused_listener,
+    ):
+        server = Server(
+            writes.dispatcher,
+            unused_listener,
+            Limits(),
+            AccessControl(owner, None),
+            AuditLog(None),
+            reread,
+        )
+
+        async def reload_three_times() -> None:
+            with trio.fail_after(20):
+                await server.reload()  # given up at the timeout
+                await server.reload()  # refused at once: the first still hangs
+                hang.set()
+                while server._reread_limiter.borrowed_tokens:
+                    await trio.sleep(0.01)
+                await server.reload()  # works
+
+        caplog.set_level("INFO")
+        trio.run(reload_three_times)
+    said = [r.getMessage() for r in caplog.records if "reload" in r.getMessage()]
+    assert len(said) == 3, said
+    assert said[0].endswith("did not load within 0.2 s")
+    assert said[1].endswith("an earlier reload is still reading the configuration")
+    assert said[2].startswith("reloaded: ACL")
 
 
 def test_a_destroy_retried_once_the_disk_works_erases_the_file(
