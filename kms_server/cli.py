@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import trio
@@ -78,7 +78,9 @@ from kms_server.store import (
     read_metadata,
     serving_socket,
 )
-from kms_server.transit import HealthWatch, TransitSource, wrapped_version
+
+if TYPE_CHECKING:
+    from kms_server.transit import HealthWatch, TransitSource
 
 log = logging.getLogger("kmsd")
 
@@ -292,9 +294,24 @@ def init(store: Path | None, config_file: Path | None, **kek_settings: Any) -> N
         warn_if_exposed(source, say_warning)
 
 
+def as_transit(source: KekSource) -> TransitSource | None:
+    """``source`` if it is a Transit source.
+
+    Told by its kind, and the module imported only then: hvac and requests take about
+    90 ms to import, which every run of kmsd would pay though few stores use Transit.
+    """
+    if source.kind != "transit":
+        return None
+    from kms_server.transit import TransitSource  # noqa: PLC0415 - see above
+
+    assert isinstance(source, TransitSource)  # noqa: S101 - the only source of that kind
+    return source
+
+
 def for_a_new_root(source: KekSource) -> KekSource:
     """``source``, checked for wrapping a new root: Transit needs its key name (exit 2)."""
-    if isinstance(source, TransitSource) and source.key is None:
+    transit = as_transit(source)
+    if transit is not None and transit.key is None:
         raise ConfigError("a new Transit-wrapped root needs the Transit key name (--transit-key)")
     return source
 
@@ -533,8 +550,10 @@ def ensure_demo_key(store: KeyStore) -> None:
 
 def watch_transit(settings: Settings, source: KekSource) -> HealthWatch | None:
     """While serving from memory, check now and then that Transit could unwrap the root again."""
-    if not isinstance(source, TransitSource):
+    transit = as_transit(source)
+    if transit is None:
         return None
+    from kms_server.transit import HealthWatch  # noqa: PLC0415 - only for Transit (as_transit)
 
     def report(status: str) -> None:
         if status == "ok":
@@ -544,7 +563,7 @@ def watch_transit(settings: Settings, source: KekSource) -> HealthWatch | None:
 
     store_dir = settings.require_store()
     watch = HealthWatch(
-        source, settings.transit_health_interval, report, lambda: read_metadata(store_dir).kek
+        transit, settings.transit_health_interval, report, lambda: read_metadata(store_dir).kek
     )
     watch.start()
     return watch
@@ -737,8 +756,8 @@ def rekey(
         if rewrap:
             if kek_transit is None:
                 raise ConfigError("--rewrap needs --kek-transit and the Transit credentials")
-            source = kek_source_from(None, None, None, kek_transit, transit)
-            assert isinstance(source, TransitSource)  # noqa: S101 - built from --kek-transit
+            source = as_transit(kek_source_from(None, None, None, kek_transit, transit))
+            assert source is not None  # noqa: S101 - built from --kek-transit
             before, after = rewrap_stored_root(store, source)
             click.echo(f"rewrapped the root of {store}: Transit key version {before} -> {after}")
             return
@@ -795,6 +814,8 @@ def rewrap_stored_root(store_dir: Path, source: TransitSource) -> tuple[int, int
     The KEK does not change, so the check value, every key file and a running
     daemon (which keeps the KEK in memory) stay valid: this may run while it serves.
     """
+    from kms_server.transit import wrapped_version  # noqa: PLC0415 - only for Transit (as_transit)
+
     check_private(store_dir)
     with locked(store_dir / WRITE_LOCK_NAME, blocking=True):
         metadata = read_metadata(store_dir)
@@ -846,7 +867,7 @@ def rekey_through_daemon(socket_path: Path, source: KekSource) -> int:
     """Ask the daemon to rekey: it reads the new KEK file or runs the command itself."""
     if isinstance(source, KekFile):
         request = Rekey("file", str(source.path.absolute()))
-    elif isinstance(source, TransitSource):
+    elif as_transit(source) is not None:
         fail(
             "a running daemon cannot rekey to a Transit source (REKEY carries a file or a "
             "passphrase command): stop it, rekey offline, start it with --kek-transit",

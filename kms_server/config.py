@@ -33,12 +33,20 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kms_server.files import read_small_text_file
-from kms_server.kek import DEFAULT_COMMAND_TIMEOUT, KekFile, KekSource, PassphraseCommand
+from kms_server.kek import (
+    DEFAULT_COMMAND_TIMEOUT,
+    TRANSIT_START_TIMEOUT,
+    KekFile,
+    KekSource,
+    PassphraseCommand,
+)
 from kms_server.server import Limits
-from kms_server.transit import DEFAULT_START_TIMEOUT, TransitSource
+
+if TYPE_CHECKING:
+    from kms_server.transit import TransitSource
 
 DEFAULT_SOCKET = Path("/run/kms/kms.sock")
 #: A config is a few settings; more than this is not one (a device such as /dev/zero).
@@ -75,7 +83,7 @@ class Settings:
     transit_secret_id_file: Path | None = None
     transit_ca: Path | None = None
     transit_namespace: str | None = None
-    transit_start_timeout: float = DEFAULT_START_TIMEOUT
+    transit_start_timeout: float = TRANSIT_START_TIMEOUT
     transit_health_interval: float = 60.0
 
     def limits(self) -> Limits:
@@ -111,6 +119,10 @@ class Settings:
         raise ConfigError(f"no KEK source: give {flags[0]}, {flags[1]} or {flags[2]}")
 
     def transit_source(self, urls: tuple[str, ...]) -> TransitSource:
+        # Imported here: hvac and requests take about 90 ms to import, a cost every start
+        # of kmsd paid (each `kmsd init`, `verify`, `serve`...) though few stores use Transit.
+        from kms_server.transit import TransitSource  # noqa: PLC0415
+
         try:
             return TransitSource(
                 urls,

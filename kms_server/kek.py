@@ -31,6 +31,8 @@ ARGON2_LANES = 4
 ARGON2_MEMORY_KIB = 64 * 1024
 ARGON2_SALT_SIZE = 16
 DEFAULT_COMMAND_TIMEOUT = 30.0
+#: How long a Transit KEK source retries at start while no node can answer.
+TRANSIT_START_TIMEOUT = 60.0
 #: A KEK file holds 32 bytes or 64 hex characters: a larger one (say /dev/zero) is refused.
 MAX_KEK_FILE_SIZE = 4096
 #: How long a KEK "file" that is a pipe may take to deliver; a regular file reads at once.

@@ -70,12 +70,11 @@ import requests
 import requests.adapters
 
 from kms_server.crypto import KEY_SIZE, random_bytes, wipe
-from kms_server.kek import KekError, SourceRecordDamaged, read_small_file
+from kms_server.kek import TRANSIT_START_TIMEOUT, KekError, SourceRecordDamaged, read_small_file
 
 TRANSIT_KIND = "transit"
 DEFAULT_MOUNT = "transit"
 DEFAULT_APPROLE_MOUNT = "approle"
-DEFAULT_START_TIMEOUT = 60.0
 DEFAULT_REQUEST_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 3.0
 #: A request tried at (or past) a retry deadline still gets this long to answer.
@@ -365,7 +364,7 @@ class TransitSource:
         approle_mount: str = DEFAULT_APPROLE_MOUNT,
         ca_file: Path | None = None,
         namespace: str | None = None,
-        start_timeout: float = DEFAULT_START_TIMEOUT,
+        start_timeout: float = TRANSIT_START_TIMEOUT,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
