@@ -321,9 +321,22 @@ def say_warning(message: str) -> None:
 
 
 def warn_if_exposed(source: KekSource, say: Callable[[str], None]) -> None:
-    """Say that a KEK file every user may read should be 0600 (once its KEK was right)."""
-    if isinstance(source, KekFile) and (exposure := exposure_of(source.path)) is not None:
-        say(exposure)
+    """Say that a secret file every user may read should be 0600 (once the KEK was right).
+
+    The secrets: a KEK file, or the Transit token or AppRole secret-id, either of which
+    lets its reader have Transit unwrap the root of this store.
+    """
+    secrets: list[tuple[Path | None, str]] = []
+    if isinstance(source, KekFile):
+        secrets.append((source.path, "KEK file"))
+    elif (transit := as_transit(source)) is not None:
+        secrets += [
+            (transit.token_file, "Transit token file"),
+            (transit.secret_id_file, "AppRole secret-id file"),
+        ]
+    for path, what in secrets:
+        if path is not None and (exposure := exposure_of(path, what)) is not None:
+            say(exposure)
 
 
 def create_dev_store() -> Settings:

@@ -155,12 +155,13 @@ def refuse_if_writable_by_all(fd: int, path: Path, what: str) -> None:
         )
 
 
-def exposure_of(path: Path) -> str | None:
-    """Why a KEK file is open to every user, or None: said as a warning, not refused.
+def exposure_of(path: Path, what: str = "KEK file") -> str | None:
+    """Why a secret file (a KEK file, a Transit token) is open to every user, or None.
 
-    A KEK file should be 0600 (made under ``umask 077``). One every user may read is
-    accepted, so a service does not stop at its next restart over a mode, but the
-    daemon says it each time it reads the file (once the KEK is found right).
+    Said as a warning, not refused. Such a file should be 0600 (made under ``umask
+    077``). One every user may read is accepted, so a service does not stop at its next
+    restart over a mode, but the daemon says it each time it reads the file (once the
+    KEK is found right).
     """
     try:
         mode = os.stat(path).st_mode
@@ -168,7 +169,7 @@ def exposure_of(path: Path) -> str | None:
         return None
     if stat.S_ISREG(mode) and mode & stat.S_IROTH:
         return (
-            f"KEK file {path} is readable by every user (mode {stat.S_IMODE(mode):04o}): "
+            f"{what} {path} is readable by every user (mode {stat.S_IMODE(mode):04o}): "
             f"chmod 600 {path}"
         )
     return None

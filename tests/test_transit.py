@@ -801,6 +801,21 @@ def test_cli_init_serve_restart(cli_bao: DevServer, token_file: Path, short_tmp:
     assert kmsd("verify", "--store", store, *flags).returncode == 0
 
 
+def test_cli_warns_of_a_token_every_user_may_read(
+    cli_bao: DevServer, token_file: Path, short_tmp: Path
+) -> None:
+    token_file.chmod(0o644)
+    flags = transit_flags(cli_bao, token_file)
+    result = kmsd("init", "--store", short_tmp / "store", *flags, "--transit-key", "kms-root")
+    assert result.returncode == 0, result.stderr.decode()
+    assert f"Transit token file {token_file} is readable by every user" in result.stderr.decode()
+    assert ROOT_TOKEN not in result.stderr.decode() + result.stdout.decode()
+    token_file.chmod(0o600)
+    result = kmsd("verify", "--store", short_tmp / "store", *flags)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"readable by every user" not in result.stderr
+
+
 def test_cli_wrong_token_exits_4(cli_bao: DevServer, short_tmp: Path) -> None:
     bad = short_tmp / "bad-token"
     bad.write_text("s.wrong")
