@@ -16,11 +16,14 @@ daemon's writes wait for the snapshot and it is consistent.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import logging
 import os
 import shutil
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,11 +220,23 @@ def restore(archive_path: Path, store_dir: Path) -> StoreMetadata:
     A mark file says a restore is under way until it is whole, ``live`` included: a
     directory a restore cut short (killed, a full disk) holds that mark, which no
     daemon opens, and a new restore empties it (the mark last) and starts over,
-    where any other content is refused.
+    where any other content is refused. The directory itself is locked meanwhile: a
+    second restore into it would take the first one's mark for a cut-short restore
+    and empty the directory under it.
     """
     if store_dir.exists() and not store_dir.is_dir():
         raise StoreError(f"{store_dir} exists and is not a directory")
-    if store_dir.exists():
+    try:
+        files = _read_backup(archive_path)
+    except OSError as exc:
+        raise StoreError(f"cannot read backup {archive_path}: {exc.strerror or exc}") from None
+    except tarfile.TarError:  # its text lists every compression it tried, one per line
+        raise StoreError(f"cannot read backup {archive_path}: not a kmsd backup archive") from None
+    if METADATA_NAME not in files:
+        raise StoreError(f"backup {archive_path} holds no store metadata")
+    metadata = StoreMetadata.from_json(files[METADATA_NAME])
+    make_private_dirs(store_dir, Path(store_dir.anchor or "."))
+    with _restoring_into(store_dir):
         entries = os.listdir(store_dir)
         if RESTORING_MARK in entries:  # a restore cut short: nothing there is a store yet
             for name in sorted(entries, key=lambda name: name == RESTORING_MARK):
@@ -233,31 +248,35 @@ def restore(archive_path: Path, store_dir: Path) -> StoreMetadata:
             fsync_directory(store_dir)
         elif entries:
             raise StoreError(f"{store_dir} is not empty; restore needs an empty directory")
-    try:
-        files = _read_backup(archive_path)
-    except OSError as exc:
-        raise StoreError(f"cannot read backup {archive_path}: {exc.strerror or exc}") from None
-    except tarfile.TarError:  # its text lists every compression it tried, one per line
-        raise StoreError(f"cannot read backup {archive_path}: not a kmsd backup archive") from None
-    if METADATA_NAME not in files:
-        raise StoreError(f"backup {archive_path} holds no store metadata")
-    metadata = StoreMetadata.from_json(files[METADATA_NAME])
-    make_private_dirs(store_dir, Path(store_dir.anchor or "."))
-    os.chmod(store_dir, 0o700)
-    write_fsynced(store_dir / RESTORING_MARK, b"")
-    fsync_directory(store_dir)
-    generation = generation_directory(store_dir, metadata.generation)
-    generation.mkdir(mode=0o700)
-    for name, data in sorted(files.items()):
-        path = generation.joinpath(*name.split("/"))
-        make_private_dirs(path.parent, generation)
-        write_fsynced(path, data)
-    for directory, _, _ in os.walk(generation):
-        fsync_directory(Path(directory))
-    switch_live(store_dir, generation)
-    (store_dir / RESTORING_MARK).unlink()
-    fsync_directory(store_dir)
+        os.chmod(store_dir, 0o700)
+        write_fsynced(store_dir / RESTORING_MARK, b"")
+        fsync_directory(store_dir)
+        generation = generation_directory(store_dir, metadata.generation)
+        generation.mkdir(mode=0o700)
+        for name, data in sorted(files.items()):
+            path = generation.joinpath(*name.split("/"))
+            make_private_dirs(path.parent, generation)
+            write_fsynced(path, data)
+        for directory, _, _ in os.walk(generation):
+            fsync_directory(Path(directory))
+        switch_live(store_dir, generation)
+        (store_dir / RESTORING_MARK).unlink()
+        fsync_directory(store_dir)
     return metadata
+
+
+@contextlib.contextmanager
+def _restoring_into(store_dir: Path) -> Iterator[None]:
+    """Hold an exclusive flock on the directory ``store_dir`` itself, or refuse at once."""
+    fd = os.open(store_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"another restore into {store_dir} is under way") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- verify

@@ -14,6 +14,7 @@ file.
 from __future__ import annotations
 
 import base64
+import fcntl
 import io
 import json
 import os
@@ -265,6 +266,29 @@ def test_a_restore_cut_short_can_be_run_again(stopped: Daemon, short_tmp: Path) 
     assert_fails(verified, EXIT_STORE)
     assert kmsd("restore", "--in", archive, "--store", cut_short).returncode == EXIT_OK
     assert kmsd("verify", "--store", cut_short, "--kek-file", daemon.kek_file).returncode == 0
+
+
+def test_a_restore_into_a_directory_another_restore_holds_is_refused(
+    stopped: Daemon, short_tmp: Path
+) -> None:
+    """Another restore under way holds the directory's flock (held here, as it would
+    be): its mark must not be taken for a cut-short restore's and emptied."""
+    archive = backed_up(stopped, short_tmp / "kms.backup")
+    target = short_tmp / "target"
+    (target / "gen-1").mkdir(mode=0o700, parents=True)
+    (target / "gen-1" / METADATA_NAME).write_bytes(b"being written")
+    (target / RESTORING_MARK).write_bytes(b"")
+    held = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = kmsd("restore", "--in", archive, "--store", target)
+        assert_fails(result, EXIT_STORE)
+        assert b"another restore" in result.stderr
+        assert (target / "gen-1" / METADATA_NAME).read_bytes() == b"being written"
+    finally:
+        os.close(held)
+    assert kmsd("restore", "--in", archive, "--store", target).returncode == EXIT_OK
+    assert kmsd("verify", "--store", target, "--kek-file", stopped.kek_file).returncode == 0
 
 
 def tar_with(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
