@@ -456,6 +456,7 @@ class AsyncClient:
         """
         budget = self._budget()
         failure: BaseException | None = None
+        broken: BaseException | None = None
         delivery = Delivery(len(results))
 
         with trio.CancelScope(deadline=trio.current_time() + budget) as progress:
@@ -499,12 +500,17 @@ class AsyncClient:
                         trio.BrokenResourceError,
                         trio.ClosedResourceError,  # aclose() in another task
                     ) as exc:
-                        failure = BrokenConnection(sent=True, delivered=delivery.delivered)
-                        failure.__cause__ = exc
+                        broken = exc
                         nursery.cancel_scope.cancel()
                     except KmsError as exc:
                         failure = exc
                         nursery.cancel_scope.cancel()
+                if broken is not None:
+                    # Counted only now that the sender has stopped: a send returns through
+                    # a checkpoint after the kernel took its bytes, where this task may
+                    # have seen the daemon hang up; they count as delivered all the same.
+                    failure = BrokenConnection(sent=True, delivered=delivery.delivered)
+                    failure.__cause__ = broken
                 if failure is not None:
                     raise failure
         if progress.cancelled_caught:

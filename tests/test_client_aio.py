@@ -33,7 +33,17 @@ from kms_client import (
     Unavailable,
 )
 from kms_client.aio import AsyncClient as DirectAsyncClient
-from kms_client.protocol import Create, Decrypt, Encrypt, Get, Ping, Quit, Request, Rotate
+from kms_client.protocol import (
+    Create,
+    Decrypt,
+    Encrypt,
+    Get,
+    Ping,
+    Quit,
+    Rekey,
+    Request,
+    Rotate,
+)
 from tests.conftest import Daemon, serving
 from tests.scripted_server import (
     FullQueueListener,
@@ -308,6 +318,33 @@ async def test_pipeline_resends_only_repeatable_requests(short_tmp: Path) -> Non
         async with AsyncClient(path + "2") as c:
             with pytest.raises(ConnectionFailed):
                 await c.pipeline([Ping(), Rotate("k")])
+            assert server.connections == 1
+
+
+async def test_a_pipelined_write_the_daemon_read_is_never_sent_again(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket ``send`` returns through a (shielded) checkpoint after the kernel took
+    the bytes; a daemon that read the line and hung up can wake the receiver there.
+    Stretched here to 50 ms so it always happens: the bytes of that send count all the
+    same, and the write is not sent again on a new connection."""
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        socket_type = type(probe)
+    real_send = socket_type.send
+
+    async def send_then_dawdle(self: Any, *args: Any) -> int:
+        sent: int = await real_send(self, *args)
+        with trio.CancelScope(shield=True):  # as trio's own checkpoint there is
+            await trio.sleep(0.05)
+        return sent
+
+    monkeypatch.setattr(socket_type, "send", send_then_dawdle)
+    for request in [Rotate("k"), Create("k"), Rekey("file", "/x")]:
+        path = str(short_tmp / f"{request.verb}.sock")
+        with ScriptedServer(path, hang_up_first_then(lambda line: b"OK 2\n")) as server:
+            async with AsyncClient(path) as c:
+                with pytest.raises(ConnectionFailed, match="may have been applied"):
+                    await c.pipeline([request])
             assert server.connections == 1
 
 
