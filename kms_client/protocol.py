@@ -775,13 +775,18 @@ def _parse_create(args: list[bytes]) -> Create:
     return Create(key_id, exportable, rotate_period)
 
 
+#: The verbs that carry data (base64) after the key id, and how many arguments they take.
+DATA_VERBS = frozenset({"ENC", "DEC", "REWRAP"})
+DATA_ARGUMENTS = range(2, 4)
+
+
 def _data_command(cls: type[Encrypt | Decrypt | Rewrap], what: str) -> Any:
     """The parser of ``<VERB> <key-id> <base64 data> [<base64 aad>]`` (ENC, DEC, REWRAP)."""
     usage = f"usage: {cls.verb} <key-id> <base64 {what}> [<base64 aad>]"
     empty = f"{what} must be at least 1 byte"
 
     def parse(args: list[bytes]) -> Encrypt | Decrypt | Rewrap:
-        if not 2 <= len(args) <= 3:
+        if len(args) not in DATA_ARGUMENTS:
             raise BadRequest(usage)
         key_id = validate_key_id(args[0])
         data = b64decode_strict(args[1])

@@ -38,6 +38,8 @@ import trio
 
 from kms_client.errors import Denied, KmsError, TooLong, Unavailable
 from kms_client.protocol import (
+    DATA_ARGUMENTS,
+    DATA_VERBS,
     DEFAULT_MAX_LINE,
     KEYED_VERBS,
     VERBS,
@@ -699,11 +701,15 @@ def named_by(line: bytes) -> tuple[str, str | None]:
     """The verb and key id a request that failed to parse names, for the audit.
 
     The key id is its second token when the verb takes one and the token is a valid
-    key id (``ENC pg/wal !!!`` was an attempt on ``pg/wal``), else None.
+    key id (``ENC pg/wal !!!`` was an attempt on ``pg/wal``), else None. A verb that
+    carries data must have its number of arguments: in ``ENC <base64>`` the one token
+    is the plaintext (a key id left out), and base64 often looks like a key id.
     """
     verb = verb_of(line)
     space = line.find(b" ")
     if verb not in KEYED_VERBS or space < 0:
+        return verb, None
+    if verb in DATA_VERBS and line.count(b" ") not in DATA_ARGUMENTS:
         return verb, None
     start = space + 1
     end = line.find(b" ", start)

@@ -119,6 +119,9 @@ def test_one_json_object_per_request_with_the_right_values(audited: Daemon) -> N
         step(b"GET ../x", "GET", None, None, "BAD_KEY_ID")
         # A request that does not parse is put on the key it names, when it names one.
         step(b"ENC s/k !!!", "ENC", "s/k", None, "BAD_REQUEST")
+        # ... but the one token of a data verb without its key id is the data.
+        step(b"ENC " + b64(b"SECRETPASSWD"), "ENC", None, None, "BAD_REQUEST")
+        step(b"DEC " + ciphertext_v1, "DEC", None, None, "BAD_REQUEST")
         step(b"DATAKEY s/k 0", "DATAKEY", "s/k", None, "BAD_REQUEST")
         step(b"INFO s/k extra", "INFO", "s/k", None, "BAD_REQUEST")
         step(b"PING s/k", "PING", None, None, "BAD_REQUEST")
@@ -641,6 +644,13 @@ def distinctive(label: str) -> bytes:
     return f"KMST-{label}-".encode() + os.urandom(24) + b"-END"
 
 
+def key_id_like_secret() -> bytes:
+    """18 bytes whose base64 (no padding, letters and digits only) is a valid key id."""
+    while not re.fullmatch(rb"[A-Za-z0-9]{24}", b64(secret := os.urandom(18))):
+        pass
+    return secret
+
+
 def test_no_secret_reaches_the_audit_file_or_the_daemon_log(audited: Daemon) -> None:
     plaintext, aad = distinctive("PLAINTEXT"), distinctive("AAD")
     secrets: dict[str, bytes] = {
@@ -670,6 +680,7 @@ def test_no_secret_reaches_the_audit_file_or_the_daemon_log(audited: Daemon) -> 
         secrets["key v2"] = base64.b64decode(conn.ask(b"GET s/exp").split(b" ")[2])
 
         # Failures carrying secrets are as silent as successes.
+        secrets["key-id-like plaintext"] = key_id_like_secret()
         tampered = bytearray(secrets["ciphertext"])
         tampered[-1] ^= 1
         for line, result in (
@@ -682,6 +693,10 @@ def test_no_secret_reaches_the_audit_file_or_the_daemon_log(audited: Daemon) -> 
             (b"ENC s/exp " + b64(plaintext) + b" " + b64(aad) + b" extra", "BAD_REQUEST"),
             (b"ENC s/exp " + b64(plaintext)[:-1] + b" " + b64(aad), "BAD_REQUEST"),
             (b"GET " + b64(secrets["key v1"]), "BAD_KEY_ID"),
+            # The key id left out: a lone base64 token that reads as a key id is data.
+            (b"ENC " + b64(secrets["key-id-like plaintext"]), "BAD_REQUEST"),
+            (b"DEC " + b64(secrets["ciphertext"]), "BAD_REQUEST"),
+            (b"REWRAP " + b64(secrets["ciphertext"]), "BAD_REQUEST"),
             (b64(secrets["key v1"]) + b" s/exp", "UNKNOWN_COMMAND"),
         ):
             assert code_of(conn.ask(line)) == result, line
