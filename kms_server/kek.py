@@ -225,6 +225,9 @@ class PassphraseCommand:
     command: str = field(repr=False)  # it may hold a passphrase (`echo ...`)
     timeout: float = DEFAULT_COMMAND_TIMEOUT
     kind: str = "passphrase"
+    #: Run by a serving daemon: what the command writes to stderr would land among the
+    #: audit trail's JSON lines (stderr by default), and may hold what it asked for.
+    discard_stderr: bool = False
 
     def describe_new(self, store_id: str = "") -> dict[str, Any]:
         return {
@@ -245,7 +248,11 @@ class PassphraseCommand:
             raise KekError("the passphrase command is empty")
         try:
             child = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True
+                argv,
+                stdout=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL if self.discard_stderr else None,
+                start_new_session=True,
             )
         except FileNotFoundError:
             raise KekError(f"passphrase command not found: {argv[0]}") from None

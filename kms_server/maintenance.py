@@ -377,7 +377,7 @@ def online_rekeyer(store: KeyStore, passphrase_timeout: float) -> Rekeyer:
         source: KekSource = (
             KekFile(Path(argument))
             if kind == "file"
-            else PassphraseCommand(argument, passphrase_timeout)
+            else PassphraseCommand(argument, passphrase_timeout, discard_stderr=True)
         )
 
         def work() -> tuple[Path, StoreMetadata, Sealer]:

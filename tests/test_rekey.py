@@ -483,11 +483,17 @@ def test_online_rekey_to_a_passphrase_and_back(fresh: KekDaemon) -> None:
         assert read_metadata(daemon.store).kek["kind"] == "passphrase"
         check_via_socket(daemon.socket_path, samples)
         # A failing passphrase command: the daemon refuses (exit 7), nothing changes.
+        # What it writes to stderr is not let into the daemon's (the audit trail's).
+        chatty = "import sys; sys.stderr.write('KMST-CHATTY-PROMPT'); exit(3)"
         failing = kmsd(
-            "rekey", "--store", daemon.store, "--new-passphrase-command", python_command("exit(3)")
+            "rekey", "--store", daemon.store, "--new-passphrase-command", python_command(chatty)
         )
         assert failing.returncode == 7
         assert generations(daemon.store) == ["gen-2"]
+        check_via_socket(daemon.socket_path, samples)
+    assert b"KMST-CHATTY-PROMPT" not in daemon.log.read_bytes()
+    for line in daemon.log.read_bytes().splitlines():  # log lines, and JSON lines whole
+        assert line[:1] != b"{" or json.loads(line)["verb"]
     daemon.source = words
     with running(daemon):
         check_via_socket(daemon.socket_path, samples)
