@@ -27,7 +27,10 @@ Without an ACL file only the daemon's own uid may do anything.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import grp
+import logging
 import os
 import pwd
 import re
@@ -51,6 +54,8 @@ MAX_ACL_SIZE = 1 << 20
 ALWAYS_ALLOWED = frozenset({"PING", "HELLO", "HELP", "QUIT"})
 #: The operation names an ACL may grant: the lower-cased key verbs.
 OPERATIONS = frozenset(verb.lower() for verb in VERBS if verb not in ALWAYS_ALLOWED)
+
+log = logging.getLogger("kmsd.acl")
 
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 _MAX_GROUPS = 256
@@ -78,17 +83,44 @@ class Peer:
     def of(cls, sock: socket.socket) -> Peer:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
-        groups = {gid}
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * _MAX_GROUPS)
-            groups.update(struct.unpack(f"{len(raw) // 4}I", raw))
-        except OSError:
-            pass  # older kernel: the primary group only
+        groups = {gid, *_peer_groups(sock)}
         try:
             exe: str | None = os.readlink(f"/proc/{pid}/exe")
         except OSError:
             exe = None
         return cls(pid, uid, gid, frozenset(groups), exe)
+
+
+def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """The peer's supplementary groups (``SO_PEERGROUPS``), as they were when it connected.
+
+    Python's ``getsockopt`` takes at most 1024 bytes (256 groups); a peer in more
+    groups gets ``ERANGE`` there and is asked again through libc with room for the
+    kernel's limit, so none of its group grants is lost. A kernel before 4.13 has no
+    such option: the primary group only.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * _MAX_GROUPS)
+    except OSError as exc:
+        if exc.errno != errno.ERANGE:
+            return ()
+        try:
+            raw = _many_peer_groups(sock.fileno())
+        except OSError as error:  # never seen; the grants of its groups do not apply
+            log.warning("cannot read the groups of a peer in over 256 groups: %s", error)
+            return ()
+    return struct.unpack(f"{len(raw) // 4}I", raw)
+
+
+def _many_peer_groups(fd: int) -> bytes:
+    """``SO_PEERGROUPS`` through libc, with room for ``NGROUPS_MAX`` groups."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(4 * os.sysconf("SC_NGROUPS_MAX"))
+    size = ctypes.c_uint32(len(buffer))
+    if libc.getsockopt(fd, socket.SOL_SOCKET, _SO_PEERGROUPS, buffer, ctypes.byref(size)):
+        error = ctypes.get_errno()
+        raise OSError(error, f"SO_PEERGROUPS: {os.strerror(error)}")
+    return buffer.raw[: size.value]
 
 
 @dataclass(frozen=True)
