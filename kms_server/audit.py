@@ -66,6 +66,11 @@ class AuditError(Exception):
     """The audit log file cannot be opened."""
 
 
+def _cannot_open(path: Path, exc: OSError) -> AuditError:
+    why = "nothing reads that FIFO" if exc.errno == errno.ENXIO else exc.strerror
+    return AuditError(f"cannot open audit log {path}: {why}")
+
+
 class AuditLog:
     """Where audit lines go: a file descriptor, written once per batch."""
 
@@ -96,11 +101,29 @@ class AuditLog:
                 os.fchmod(fd, 0o600)  # an existing file may have been created looser
             # A FIFO or a device (a log collector, /dev/null) is not ours to chmod.
         except OSError as exc:
-            why = "nothing reads that FIFO" if exc.errno == errno.ENXIO else exc.strerror
-            raise AuditError(f"cannot open audit log {path}: {why}") from None
+            raise _cannot_open(path, exc) from None
         except ValueError:  # an embedded NUL
             raise AuditError("cannot open the audit log: its path holds a NUL byte") from None
         return fd
+
+    @staticmethod
+    def check_sink(path: Path) -> None:
+        """Whether :meth:`open_sink` could open ``path``, found without creating the file
+        or changing its mode (``kmsd check-config`` only checks)."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            if not path.parent.is_dir():
+                raise _cannot_open(path, exc) from None
+            if not os.access(path.parent, os.W_OK | os.X_OK):  # serve could not create it
+                denied = PermissionError(errno.EACCES, "Permission denied")
+                raise _cannot_open(path, denied) from None
+            return
+        except OSError as exc:
+            raise _cannot_open(path, exc) from None
+        except ValueError:  # an embedded NUL
+            raise AuditError("cannot open the audit log: its path holds a NUL byte") from None
+        os.close(fd)
 
     def use_sink(self, path: Path | None, fd: int) -> None:
         """Write to ``fd`` from :meth:`open_sink` from now on (a reload: a new path, or a

@@ -533,7 +533,7 @@ def check_config(config_file: Path | None, **options: Any) -> None:
             if path is not None and not os.access(path, os.R_OK):
                 raise KekError(f"cannot read {what} {path}")
         if settings.audit_log is not None:
-            AuditLog(settings.audit_log).close()  # creates it (0600) as serve would
+            AuditLog.check_sink(settings.audit_log)  # and leaves it as it was
         access = load_access(settings)
         click.echo(f"configuration OK; ACL: {access.acl.source} ({len(access.acl.rules)} rules)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grp
 import os
+import stat
 import pwd
 import re
 import signal
@@ -804,6 +805,19 @@ def test_check_config_validates_without_starting(short_tmp: Path) -> None:
     assert [result.returncode for result in results] == [2, 3, 4]
     for result in results:
         assert result.stderr.count(b"\n") == 1, result.stderr
+    # An audit log it could open is left as it was: not created, not chmod-ed.
+    fresh, loose = short_tmp / "fresh-audit.log", short_tmp / "loose-audit.log"
+    loose.write_bytes(b"old line\n")
+    loose.chmod(0o644)
+    results = kmsd_all(
+        ["check-config", *common, "--audit-log", fresh],
+        ["check-config", *common, "--audit-log", loose],
+        ["check-config", *common, "--audit-log", short_tmp],  # a directory
+    )
+    assert [result.returncode for result in results] == [0, 0, 2]
+    assert not fresh.exists()
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o644
+    assert loose.read_bytes() == b"old line\n"
 
     # An ACL alone, as after editing it: no store needed.
     result = kmsd("check-config", "--acl", good)
