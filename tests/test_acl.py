@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grp
 import os
-import stat
 import pwd
 import re
 import signal
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
