@@ -63,6 +63,8 @@ _RULE_HEADER = re.compile(r"""^\s*\[\[\s*(?:allow|"allow"|'allow')\s*\]\]""")
 #: A line that opens an inline-table rule: ``{ ...`` or ``allow = [{ ...``.
 _INLINE_RULE = re.compile(r"""^\s*(?:(?:allow|"allow"|'allow')\s*=\s*\[\s*)?\{""")
 _RULE_KEYS = frozenset({"users", "groups", "keys", "operations"})
+#: Ids are 32-bit, and (uid_t) -1 means "no id".
+MAX_ID = 2**32 - 1
 
 
 class AclError(Exception):
@@ -258,10 +260,12 @@ class _Lines:
     def _field_start(self, name: str) -> int | None:
         """The line where key or table ``name`` is defined (``name =`` or ``[[name]]``)."""
         quoted = rf"""(?:{re.escape(name)}|"{re.escape(name)}"|'{re.escape(name)}')"""
-        pattern = re.compile(rf"(?:^\s*|[{{,]\s*)(?:{quoted}\s*=)|^\s*\[+\s*{quoted}\s*\]")
+        # `name =`, a dotted `name.sub =`, `[name]`, or a sub-table `[allow.name]`.
+        pattern = re.compile(
+            rf"(?:^\s*|[{{,]\s*)(?:{quoted}\s*[=.])|^\s*\[+(?:[^\]#]*\.)?\s*{quoted}\s*\]"
+        )
         for number in range(self.first, self.last + 1):
-            line = self.lines[number - 1]
-            if not line.lstrip().startswith("#") and pattern.search(line):
+            if pattern.search(_without_comment(self.lines[number - 1])):
                 return number
         return None
 
@@ -274,7 +278,7 @@ class _Lines:
         field_start = re.compile(r"^\s*[A-Za-z_\"'][^=]*=")
         quoted = (f'"{value}"', f"'{value}'")
         for number in range(start, self.last + 1):
-            line = self.lines[number - 1]
+            line = _without_comment(self.lines[number - 1])
             if number > start and field_start.match(line):
                 break
             if any(q in line for q in quoted):
@@ -283,6 +287,26 @@ class _Lines:
 
     def error(self, name: str, value: str | None, message: str) -> AclError:
         return AclError(f"{self.source}:{self.line_of(name, value)}: {message}")
+
+
+def _without_comment(line: str) -> str:
+    """``line`` up to its comment: a ``#`` outside a quoted string (a value's own ``#``
+    stays; a comment that quotes a name must not be taken for where it is)."""
+    quote = ""
+    escaped = False
+    for index, char in enumerate(line):
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\" and quote == '"':
+                escaped = True
+            elif char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+        elif char == "#":
+            return line[:index]
+    return line
 
 
 def _parse_rule(raw: dict[str, Any], where: _Lines) -> Rule:
@@ -325,13 +349,15 @@ def _resolve(value: object, field: str, lookup: Any, where: _Lines) -> list[int]
         raise where.error(field, None, f"{field} must be a list of names or numeric ids")
     ids = []
     for item in value:
-        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not 0 <= item < MAX_ID:  # a typo must not grant nothing silently
+                raise where.error(field, None, f"{field}: {item} is not a uid or gid")
             ids.append(item)
             continue
         if not isinstance(item, str):
             raise where.error(field, None, f"{field} must hold names or numeric ids")
         resolved = lookup(item)
-        if resolved is None and item.isascii() and item.isdigit():
+        if resolved is None and item.isascii() and item.isdigit() and int(item) < MAX_ID:
             resolved = int(item)  # a numeric id written as a string; names are tried first
         if resolved is None:
             what = "user" if field == "users" else "group"

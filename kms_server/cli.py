@@ -551,6 +551,8 @@ def announce_access(access: AccessControl) -> None:
             "no ACL file (--acl): %s may use the daemon, nobody else",
             access.acl.source.removeprefix("default: "),
         )
+    elif not access.acl.rules:
+        log.warning("ACL %s has no rules: nobody may use a key", access.path)
     else:
         log.info("ACL %s: %d rules", access.path, len(access.acl.rules))
 

@@ -380,6 +380,35 @@ def test_a_comment_that_looks_like_a_field_is_not_its_line() -> None:
     assert error_line(text) == 4
 
 
+def test_a_name_quoted_in_a_comment_is_not_its_line() -> None:
+    text = toml(
+        "[[allow]]",
+        "users = [",
+        f'  # "{NO_USER}" left the company',
+        f'  "{ROOT_NAME}",  # "{NO_USER}" too',
+        f'  "{NO_USER}",',
+        "]",
+        'keys = ["*"]',
+        'operations = ["get"]',
+    )
+    assert error_line(text) == 5
+
+
+@pytest.mark.parametrize("field", ["[allow.extra]", "extra.field = 1"])
+def test_an_unknown_sub_table_or_dotted_field_names_its_line(field: str) -> None:
+    text = toml("[[allow]]", "users = [0]", 'keys = ["*"]', 'operations = ["get"]', field)
+    assert error_line(text) == 5
+
+
+@pytest.mark.parametrize("uid", ["4294967295", "4294967296", "99999999999"])
+def test_an_id_no_process_can_have_is_refused(uid: str) -> None:
+    """32-bit ids, and -1 is "no id": such a number could never match anyone."""
+    text = toml("[[allow]]", 'keys = ["*"]', 'operations = ["get"]', f"users = [{uid}]")
+    assert error_line(text) == 4
+    text = toml("[[allow]]", 'keys = ["*"]', 'operations = ["get"]', f'groups = ["{uid}"]')
+    assert error_line(text) == 4
+
+
 def test_errors_in_rules_under_quoted_headers_name_their_line() -> None:
     # [["allow"]] and [['allow']] are the same table array as [[allow]].
     text = toml(*GOOD_RULE, "[['allow']]", "users = [0]", 'keys = ["*"]', 'operations = ["all"]')
@@ -775,6 +804,18 @@ def test_serve_with_a_missing_acl_exits_2(short_tmp: Path) -> None:
     result = kmsd(*store.command()[3:], "--acl", short_tmp / "missing.toml")
     assert_one_line_naming(result, str(short_tmp / "missing.toml"))
     assert not Path(store.socket_path).exists()
+
+
+def test_an_acl_without_rules_is_served_with_a_warning(short_tmp: Path) -> None:
+    """Valid (nobody may use a key: deny by default), but rarely meant: said at start."""
+    daemon = make_store(short_tmp / "d")
+    empty = short_tmp / "empty.toml"
+    empty.write_text("# every rule removed\n")
+    daemon.extra_args = ["--acl", str(empty)]
+    with running(daemon), Conn(daemon.socket_path) as conn:
+        assert conn.ask(b"PING") == b"OK PONG"
+        assert code_of(conn.ask(b"INFO k")) == "DENIED"
+    assert f"ACL {empty} has no rules: nobody may use a key" in daemon.log.read_text()
 
 
 def test_check_config_validates_without_starting(short_tmp: Path) -> None:
