@@ -36,6 +36,8 @@ DEFAULT_MAX_LINE = 1 << 20
 MAX_KEY_ID_LENGTH = 255
 MAX_VERSION = 2**32 - 1
 DEFAULT_DATAKEY_BYTES = 32
+#: What ``GET`` exports: the 32 bytes of a key version's material.
+KEY_MATERIAL_SIZE = 32
 MAX_DATAKEY_BYTES = 1024
 
 _KEY_ID_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
@@ -590,8 +592,14 @@ class Get(Request[KeyMaterial]):
         return args
 
     def parse_reply(self, ok: Ok) -> KeyMaterial:
+        """The key, checked: a short key must never reach a ``cluster_key_command`` hook."""
         version, key = _expect_fields(ok, 2)
-        return KeyMaterial(_reply_int(version), _reply_b64(key))
+        material = KeyMaterial(_reply_int(version), _reply_b64(key))
+        if len(material.key) != KEY_MATERIAL_SIZE:
+            raise ProtocolViolation(f"GET reply holds a key of {len(material.key)} bytes, not 32")
+        if material.version < 1 or self.version not in (None, material.version):
+            raise ProtocolViolation("GET reply names another version than asked for")
+        return material
 
 
 @dataclass(slots=True)
@@ -642,7 +650,10 @@ class GenerateDataKey(Request[DataKey]):
 
     def parse_reply(self, ok: Ok) -> DataKey:
         key, wrapped = _expect_fields(ok, 2)
-        return DataKey(_reply_b64(key), _reply_b64(wrapped))
+        data_key = DataKey(_reply_b64(key), _reply_b64(wrapped))
+        if len(data_key.key) != self.nbytes:
+            raise ProtocolViolation("DATAKEY reply holds a key of another size than asked for")
+        return data_key
 
 
 @dataclass(slots=True)

@@ -376,6 +376,11 @@ def test_scripted_failures_exit_codes(short_tmp: Path) -> None:
     future_path = str(short_tmp / "future.sock")
     with ScriptedServer(future_path, reply_with(lambda line: b"ERR NEW_IN_V2 soon\n")):
         assert_fails(kms(["--socket", future_path, "ping"]), 1)
+    short_key_path = str(short_tmp / "short-key.sock")  # a key hook must not get 3 bytes
+    with ScriptedServer(short_key_path, reply_with(lambda line: b"OK 1 AAAA\n")):
+        result = kms(["--socket", short_key_path, "get", "k", "--format", "hex"])
+        assert_fails(result, 6)
+        assert result.stdout == b""
 
 
 def test_key_commands(daemon: Daemon, daemon_env: dict[str, str]) -> None:

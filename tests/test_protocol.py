@@ -499,6 +499,11 @@ def test_typed_replies() -> None:
         (Create("k"), Ok(("one",))),
         (Get("k"), Ok(("1",))),
         (Get("k"), Ok(("1", "aGl="))),
+        (Get("k"), Ok(("1", "AAAA"))),  # 3 bytes: a short key for a key hook
+        (Get("k"), Ok(("1", base64.b64encode(bytes(33)).decode()))),
+        (Get("k"), Ok(("0", base64.b64encode(bytes(32)).decode()))),
+        (Get("k", 1), Ok(("2", base64.b64encode(bytes(32)).decode()))),  # not the one asked
+        (GenerateDataKey("k", 16), Ok((base64.b64encode(bytes(32)).decode(), "aGk="))),
         (Encrypt("k", b"x"), Ok(("a*k=",))),
         (Encrypt("k", b"x"), Ok(("aGk=", "aGk="))),
         (GenerateDataKey("k"), Ok(("aGk=",))),
