@@ -198,6 +198,10 @@ def check_request(request: Request[Any]) -> bytes:
         raise TypeError(f"{request.verb}: an argument has the wrong type ({exc})") from None
     if line.find(b"\n") != len(line) - 1 or b"\r" in line:  # any other field, say a REKEY source
         raise BadRequest("a request field holds a line break")
+    if type(request) is Encrypt and not request.plaintext:
+        raise BadRequest("plaintext must be at least 1 byte")  # as the daemon says it
+    if isinstance(request, Decrypt | Rewrap) and not request.ciphertext:
+        raise BadRequest("ciphertext must be at least 1 byte")
     return line
 
 

@@ -44,6 +44,7 @@ from kms_client.protocol import (
     Quit,
     Rekey,
     Request,
+    Rewrap,
     Rotate,
 )
 from kms_server.crypto import random_bytes
@@ -136,8 +137,22 @@ def test_bad_key_ids_are_refused_before_sending(short_tmp: Path, key_id: str) ->
 
 @pytest.mark.parametrize(
     "request_",
-    [Rekey("file x\nROTATE demo", "path"), Rekey("file\r", "path"), Get("demo", "1\nPING")],  # type: ignore[arg-type]
-    ids=["rekey-source-lf", "rekey-source-cr", "version-lf"],
+    [
+        Rekey("file x\nROTATE demo", "path"),
+        Rekey("file\r", "path"),
+        Get("demo", "1\nPING"),  # type: ignore[arg-type]
+        Encrypt("demo", b""),  # refused by the daemon too: say why here, send nothing
+        Decrypt("demo", b""),
+        Rewrap("demo", b""),
+    ],
+    ids=[
+        "rekey-source-lf",
+        "rekey-source-cr",
+        "version-lf",
+        "enc-empty",
+        "dec-empty",
+        "rewrap-empty",
+    ],
 )
 def test_a_line_break_in_any_field_is_refused_before_sending(
     short_tmp: Path, request_: Request[Any]
