@@ -596,7 +596,9 @@ class Get(Request[KeyMaterial]):
         version, key = _expect_fields(ok, 2)
         material = KeyMaterial(_reply_int(version), _reply_b64(key))
         if len(material.key) != KEY_MATERIAL_SIZE:
-            raise ProtocolViolation(f"GET reply holds a key of {len(material.key)} bytes, not 32")
+            raise ProtocolViolation(
+                f"GET reply holds a key of {len(material.key)} bytes, not {KEY_MATERIAL_SIZE}"
+            )
         if material.version < 1 or self.version not in (None, material.version):
             raise ProtocolViolation("GET reply names another version than asked for")
         return material

@@ -39,6 +39,7 @@ from kms_server.dispatch import Dispatcher
 from kms_server.files import replace_file, write_new_file
 from kms_server.hardening import forbid_core_dumps, harden_process
 from kms_server.kek import (
+    TRANSIT_KIND,
     KekError,
     KekFile,
     KekSource,
@@ -300,7 +301,7 @@ def as_transit(source: KekSource) -> TransitSource | None:
     Told by its kind, and the module imported only then: hvac and requests take about
     90 ms to import, which every run of kmsd would pay though few stores use Transit.
     """
-    if source.kind != "transit":
+    if source.kind != TRANSIT_KIND:
         return None
     from kms_server.transit import TransitSource  # noqa: PLC0415 - see above
 
@@ -520,16 +521,14 @@ def check_config(config_file: Path | None, **options: Any) -> None:
             return
         read_metadata(settings.require_store())
         settings.kek_source()
-        transit = settings.kek_transit is not None  # its credentials are read only then
-        for what, path in (
-            ("KEK file", settings.kek_file),
-            ("Transit token file", settings.transit_token_file if transit else None),
-            ("Transit AppRole role-id file", settings.transit_role_id_file if transit else None),
-            (
-                "Transit AppRole secret-id file",
-                settings.transit_secret_id_file if transit else None,
-            ),
-        ):
+        secret_files = [("KEK file", settings.kek_file)]
+        if settings.kek_transit is not None:  # its credentials are read only then
+            secret_files += [
+                ("Transit token file", settings.transit_token_file),
+                ("Transit AppRole role-id file", settings.transit_role_id_file),
+                ("Transit AppRole secret-id file", settings.transit_secret_id_file),
+            ]
+        for what, path in secret_files:
             if path is not None and not os.access(path, os.R_OK):
                 raise KekError(f"cannot read {what} {path}")
         if settings.audit_log is not None:
@@ -834,7 +833,7 @@ def rewrap_stored_root(store_dir: Path, source: TransitSource) -> tuple[int, int
     check_private(store_dir)
     with locked(store_dir / WRITE_LOCK_NAME, blocking=True):
         metadata = read_metadata(store_dir)
-        if metadata.kek.get("kind") != "transit":
+        if metadata.kek.get("kind") != TRANSIT_KIND:
             raise KekError(  # a source of another kind than the store's: exit 4, as for serve
                 f"--rewrap: this store's KEK comes from a {metadata.kek.get('kind')} "
                 "source, not Transit"

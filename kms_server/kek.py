@@ -31,6 +31,8 @@ ARGON2_LANES = 4
 ARGON2_MEMORY_KIB = 64 * 1024
 ARGON2_SALT_SIZE = 16
 DEFAULT_COMMAND_TIMEOUT = 30.0
+#: The kind a Transit KEK source records (kms_server/transit.py; imported only for it).
+TRANSIT_KIND = "transit"
 #: How long a Transit KEK source retries at start while no node can answer.
 TRANSIT_START_TIMEOUT = 60.0
 #: A KEK file holds 32 bytes or 64 hex characters: a larger one (say /dev/zero) is refused.
@@ -317,5 +319,5 @@ def obtain_for_store(
 _OPTION_FOR_KIND = {
     "file": "--kek-file",
     "passphrase": "--passphrase-command",
-    "transit": "--kek-transit",
+    TRANSIT_KIND: "--kek-transit",
 }

@@ -16,14 +16,11 @@ daemon's writes wait for the snapshot and it is consistent.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
 import logging
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,7 +233,7 @@ def restore(archive_path: Path, store_dir: Path) -> StoreMetadata:
         raise StoreError(f"backup {archive_path} holds no store metadata")
     metadata = StoreMetadata.from_json(files[METADATA_NAME])
     make_private_dirs(store_dir, Path(store_dir.anchor or "."))
-    with _restoring_into(store_dir):
+    with locked(store_dir, blocking=False, busy=f"another restore into {store_dir} is under way"):
         entries = os.listdir(store_dir)
         if RESTORING_MARK in entries:  # a restore cut short: nothing there is a store yet
             for name in sorted(entries, key=lambda name: name == RESTORING_MARK):
@@ -263,20 +260,6 @@ def restore(archive_path: Path, store_dir: Path) -> StoreMetadata:
         (store_dir / RESTORING_MARK).unlink()
         fsync_directory(store_dir)
     return metadata
-
-
-@contextlib.contextmanager
-def _restoring_into(store_dir: Path) -> Iterator[None]:
-    """Hold an exclusive flock on the directory ``store_dir`` itself, or refuse at once."""
-    fd = os.open(store_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"another restore into {store_dir} is under way") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- verify

@@ -317,15 +317,20 @@ def check_private(store_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def locked(path: Path, *, blocking: bool) -> Iterator[int]:
-    """Hold an exclusive flock on ``path`` (created 0600) for the ``with`` block."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def locked(path: Path, *, blocking: bool, busy: str | None = None) -> Iterator[int]:
+    """Hold an exclusive flock on ``path`` for the ``with`` block: a lock file (created
+    0600), or a directory itself. Held elsewhere and not ``blocking``: ``busy`` is the
+    error (by default, that a running kmsd holds it)."""
+    if path.is_dir():
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StoreError(f"{path.parent} is in use by a running kmsd") from None
+                raise StoreError(busy or f"{path.parent} is in use by a running kmsd") from None
             raise
         yield fd
     finally:

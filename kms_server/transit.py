@@ -70,9 +70,14 @@ import requests
 import requests.adapters
 
 from kms_server.crypto import KEY_SIZE, random_bytes, wipe
-from kms_server.kek import TRANSIT_START_TIMEOUT, KekError, SourceRecordDamaged, read_small_file
+from kms_server.kek import (
+    TRANSIT_KIND,
+    TRANSIT_START_TIMEOUT,
+    KekError,
+    SourceRecordDamaged,
+    read_small_file,
+)
 
-TRANSIT_KIND = "transit"
 DEFAULT_MOUNT = "transit"
 DEFAULT_APPROLE_MOUNT = "approle"
 DEFAULT_REQUEST_TIMEOUT = 10.0
